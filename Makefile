@@ -1,0 +1,41 @@
+# make demo / make test install what they need into .venv (torch first, pinned to the CPU build here).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+KBIT   := $(VENV)/bin/kbit
+MODEL  := kbitcli/assets/stories260K
+OUT    := out
+
+.PHONY: install install-test demo test bench clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.base
+
+install-test: $(VENV)/.test
+
+demo: install
+	@mkdir -p $(OUT)
+	$(KBIT) encode $(MODEL) $(OUT)/stories260K-nf4 --recipe recipes/llama-nf4.yaml --force
+	$(KBIT) inspect $(OUT)/stories260K-nf4 --verify --quiet
+	$(KBIT) decode $(OUT)/stories260K-nf4 $(OUT)/stories260K-decoded --dtype fp32 --force
+	@if $(KBIT) generate --help >/dev/null 2>&1; then \
+	  $(KBIT) generate $(OUT)/stories260K-nf4 --prompt "Once upon a time" --max-new-tokens 40; fi
+
+test: install-test
+	$(PY) -m pytest
+
+bench: install-test
+	$(PY) benchmarks/encode_throughput.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

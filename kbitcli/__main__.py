@@ -1,0 +1,3 @@
+from kbitcli.commands.app import main
+
+main()

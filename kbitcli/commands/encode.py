@@ -1,0 +1,63 @@
+"""kbit encode SRC DST: quantize a dense checkpoint (flags override the recipe)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from kbitcli.commands.app import app
+from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
+from kbitcli.encode import DEFAULT_SHARD, encode
+from kbitcli.recipes import load_recipe, with_flags
+
+
+def show_plan(result: dict, con, limit: int | None = None) -> None:
+    t = Table(title="plan" if result.get("dry_run") else "encoded", title_justify="left")
+    for col in ("tensor", "shape", "k", "block", "type", "bits/param", "rule"):
+        t.add_column(col, justify="right" if col in ("k", "bits/param") else "left")
+    rows = result["plan"] if limit is None else result["plan"][:limit]
+    for p in rows:
+        if p["quantized"]:
+            t.add_row(p["name"], "x".join(map(str, p["shape"])), str(p["bits"]), str(p["block_size"]),
+                      p["data_type"] + ("+dq" if p["double_quant"] else ""), f"{p['bits_per_param']:.3f}", p["rule"])
+        else:
+            t.add_row(f"[dim]{p['name']}[/dim]", "x".join(map(str, p["shape"])), "-", "-", f"[dim]{p['dtype']}[/dim]",
+                      f"{p['bits_per_param']:.0f}", f"[dim]{p['rule']}[/dim]")
+    con.print(t)
+    q = result.get("bits_per_param_quantized")
+    con.print(f"{result['quantized_tensors']}/{result['tensors']} tensors quantized, "
+              f"{result['quantized_params']:,}/{result['params']:,} params; "
+              f"bits/param: {q if q is not None else '-'} (quantized), {result['bits_per_param_model']} (whole model); "
+              f"{human_bytes(result['bytes_in'])} -> {human_bytes(result['bytes_out'])}"
+              + (f" in {result['seconds']} s" if "seconds" in result else "")
+              + (" [bold](dry run: nothing written)[/bold]" if result.get("dry_run") else f" -> {result['destination']}"))
+
+
+@app.command("encode")
+def encode_cmd(
+    src: str = typer.Argument(..., help="Dense checkpoint: .safetensors/.bin file or Hugging Face model folder."),
+    dst: str = typer.Argument(..., help="Output: a folder for a folder SRC, a file for a file SRC."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/)."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-k", help="k: bits per weight, 2..8."),
+    block_size: Optional[str] = typer.Option(None, "--block-size", "-b", help="Power of two 16..4096, 'row' or 'tensor'."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", "-t", help="int | fp | nf | quantile | dynamic."),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="8-bit scales (bnb style)."),
+    scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="fp16 | bf16 | fp32 scales."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Pattern of tensors to quantize (repeatable); replaces the recipe's."),
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Pattern of tensors to keep dense (repeatable)."),
+    override: Optional[List[str]] = typer.Option(None, "--override", "-o", help="PATTERN=BITS | PATTERN=skip | PATTERN=key:value,... (repeatable, in order)."),
+    max_shard_size: str = typer.Option(DEFAULT_SHARD, "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and sizes; write nothing."),
+    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Quantize SRC to k bits and write a kbit checkpoint to DST."""
+
+    def work(con):
+        r = with_flags(load_recipe(recipe), bits=bits, block_size=block_size, dtype=dtype, double_quant=double_quant,
+                       scale_dtype=scale_dtype, targets=targets, ignore=ignore, overrides=override or ())
+        return encode(src, dst, r, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
+                      progress=progress_for(quiet, con))
+
+    run(work, as_json=as_json, quiet=quiet, show=show_plan)

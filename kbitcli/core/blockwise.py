@@ -1,0 +1,249 @@
+"""Block-wise absmax quantization of one tensor, and its inverse.
+
+The tensor is flattened (row-major) and cut into blocks of B values; the last block may be shorter (a row of
+172 values with B = 64 simply runs into the next row, exactly as bitsandbytes does it, so nothing is padded
+and nothing is dropped). Each block stores one scale, absmax(block); each value stores the index of the
+codebook entry nearest to value / scale.
+
+Work is done in chunks of whole blocks so memory stays bounded for any tensor size, and the nearest-entry
+search is a binary search over the codebook midpoints (torch.bucketize), never a loop over 2^k entries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kbitcli.core import codebooks
+from kbitcli.core.pack import pack, packed_nbytes, unpack
+from kbitcli.errors import bad_input
+
+CHUNK = 1 << 21  # values per chunk (8 MB of fp32): bounds peak memory whatever the tensor size
+DQ_BLOCK = 256  # double quantization: blocks of 256 scales, 8-bit dynamic codes (bitsandbytes' choice)
+SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one tensor is quantized. block_size is resolved to a number of values (see resolve_block)."""
+
+    bits: int
+    block_size: int
+    dtype: str
+    double_quant: bool = False
+    scale_dtype: str = "fp16"
+
+
+@dataclass
+class QuantizedTensor:
+    spec: Spec
+    shape: tuple[int, ...]
+    orig_dtype: torch.dtype
+    codes: torch.Tensor  # uint8, packed_nbytes(numel, bits)
+    scales: torch.Tensor  # [n_blocks] in scale_dtype, or uint8 codes with double quant
+    codebook: torch.Tensor  # float32 table the codes index
+    scales_absmax: torch.Tensor | None = None  # double quant: fp32 [ceil(n_blocks / 256)]
+    scales_offset: torch.Tensor | None = None  # double quant: fp32 [1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.numel / self.spec.block_size)
+
+    def effective_scales(self) -> torch.Tensor:
+        """The fp32 scale of every block, as the decoder sees it."""
+        if self.spec.double_quant:
+            return dequantize_scales(self.scales, self.scales_absmax, self.scales_offset)
+        return self.scales.float()
+
+
+def resolve_block(block: int | str, shape: tuple[int, ...]) -> int:
+    """'row' = one scale per row of the stored matrix (per output channel), 'tensor' = one scale in all."""
+    if block == "row":
+        return int(shape[-1])
+    if block == "tensor":
+        return int(math.prod(shape))
+    return int(block)
+
+
+def nearest(normalized: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook entry (codebook sorted ascending); ties go to the lower entry."""
+    mids = (codebook[1:] + codebook[:-1]) / 2
+    return torch.bucketize(normalized, mids, right=False)
+
+
+def _chunk_len(block: int) -> int:
+    # whole blocks, and a multiple of 8 values so every chunk packs to whole bytes for any k
+    blocks = max(1, CHUNK // block)
+    blocks += (-blocks) % 8
+    return blocks * block
+
+
+def block_absmax(flat: torch.Tensor, block: int, name: str) -> torch.Tensor:
+    """fp32 absmax of every block; refuses NaN/Inf (naming the tensor) instead of spreading them."""
+    out = []
+    step = _chunk_len(block)
+    for start in range(0, flat.numel(), step):
+        x = flat[start : start + step].float()
+        if not torch.isfinite(x).all():
+            bad = start + int((~torch.isfinite(x)).nonzero()[0])
+            raise bad_input(
+                f"tensor {name!r} holds NaN/Inf (first at flat index {bad}); fix or drop it, "
+                f"or keep it dense with --override '{name}=skip'"
+            )
+        full = x.numel() // block * block
+        parts = [x[:full].view(-1, block).abs().amax(dim=1)] if full else []
+        if full < x.numel():
+            parts.append(x[full:].abs().amax().reshape(1))
+        out.append(torch.cat(parts))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization: subtract the mean, then 8-bit dynamic codes in blocks of 256 (fp32 absmax each)."""
+    offset = absmax.mean().reshape(1)
+    centered = absmax - offset
+    table = codebooks.dynamic_codebook(8)
+    n = centered.numel()
+    n2 = math.ceil(n / DQ_BLOCK)
+    padded = torch.zeros(n2 * DQ_BLOCK)
+    padded[:n] = centered
+    amax2 = padded.view(n2, DQ_BLOCK).abs().amax(dim=1)
+    safe = torch.where(amax2 > 0, amax2, torch.ones_like(amax2))
+    codes = nearest((padded.view(n2, DQ_BLOCK) / safe[:, None]).reshape(-1), table)[:n]
+    return codes.to(torch.uint8), amax2, offset
+
+
+def dequantize_scales(codes: torch.Tensor, amax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    table = codebooks.dynamic_codebook(8)
+    idx = torch.arange(codes.numel()) // DQ_BLOCK
+    return table[codes.long()] * amax2[idx] + offset
+
+
+def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTensor:
+    codebooks.check_bits(spec.bits)
+    codebooks.check_dtype(spec.dtype)
+    flat = w.reshape(-1)
+    n, B = flat.numel(), spec.block_size
+    if n == 0:
+        raise bad_input(f"tensor {name!r} is empty; leave it out of the targets")
+    absmax = block_absmax(flat, B, name)
+
+    scales_absmax = scales_offset = None
+    if spec.double_quant:
+        scales, scales_absmax, scales_offset = quantize_scales(absmax)
+        eff = dequantize_scales(scales, scales_absmax, scales_offset)
+    else:
+        sdt = SCALE_DTYPES[spec.scale_dtype]
+        if absmax.max() > torch.finfo(sdt).max:
+            raise bad_input(
+                f"tensor {name!r} has |w| up to {float(absmax.max()):.3g}, beyond {spec.scale_dtype} scales; "
+                "set scale_dtype: fp32 (or bf16) in the recipe"
+            )
+        scales = absmax.to(sdt)
+        eff = scales.float()
+    # a block of zeros keeps scale 0 and decodes to 0 whatever its codes; divide by 1 to avoid 0/0
+    safe = torch.where(eff > 0, eff, torch.ones_like(eff))
+
+    if spec.dtype == "quantile":
+        table = codebooks.quantile_codebook(_normalized_sample(flat, safe, B), spec.bits)
+    else:
+        table = codebooks.fixed_codebook(spec.dtype, spec.bits)
+
+    step = _chunk_len(B)
+    packed = []
+    for start in range(0, n, step):
+        x = flat[start : start + step].float()
+        packed.append(pack(nearest(_per_block(x, safe[start // B :], B, torch.div), table), spec.bits))
+    codes = torch.cat(packed)
+    assert codes.numel() == packed_nbytes(n, spec.bits)
+    return QuantizedTensor(spec, tuple(w.shape), w.dtype, codes, scales, table, scales_absmax, scales_offset)
+
+
+def _per_block(x: torch.Tensor, scales: torch.Tensor, block: int, op) -> torch.Tensor:
+    """op(x, scale of x's block) for a chunk x that starts on a block boundary (the last block may be short)."""
+    full = x.numel() // block * block
+    out = torch.empty_like(x)
+    nb = full // block
+    if nb:
+        out[:full] = op(x[:full].view(nb, block), scales[:nb, None]).view(-1)
+    if full < x.numel():
+        out[full:] = op(x[full:], scales[nb])
+    return out
+
+
+def _normalized_sample(flat: torch.Tensor, safe_scales: torch.Tensor, block: int, max_samples: int = 1 << 20):
+    stride = max(1, math.ceil(flat.numel() / max_samples))
+    idx = torch.arange(0, flat.numel(), stride)
+    return flat[idx].float() / safe_scales[idx // block]
+
+
+def dequantize_range(qt: QuantizedTensor, start: int, stop: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 values [start, stop) of the flattened tensor, decoding only the bytes that hold them."""
+    k, B = qt.spec.bits, qt.spec.block_size
+    a = start - start % 8  # 8 codes = k whole bytes: align down to a group boundary
+    byte_a, byte_b = a * k // 8, packed_nbytes(stop, k)
+    codes = unpack(qt.codes[byte_a:byte_b], k, stop - a)[start - a :]
+    if scales is None:
+        scales = qt.effective_scales()
+    values = qt.codebook[codes]
+    if start % B == 0:
+        return _per_block(values, scales[start // B :], B, torch.mul)
+    block_ids = torch.arange(start, stop) // B
+    return values * scales[block_ids]
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out = torch.empty(qt.numel, dtype=dtype)
+    scales = qt.effective_scales()
+    step = _chunk_len(qt.spec.block_size)
+    for start in range(0, qt.numel, step):
+        stop = min(qt.numel, start + step)
+        out[start:stop] = dequantize_range(qt, start, stop, scales).to(dtype)
+    return out.view(qt.shape)
+
+
+def storage_bits(qt: QuantizedTensor, count_codebook: bool) -> int:
+    """Bits this tensor occupies on disk: codes + scales (+ double-quant constants) (+ its own codebook)."""
+    bits = qt.codes.numel() * 8 + qt.scales.numel() * qt.scales.element_size() * 8
+    if qt.spec.double_quant:
+        bits += (qt.scales_absmax.numel() + qt.scales_offset.numel()) * 32
+    if count_codebook:
+        bits += qt.codebook.numel() * 32
+    return bits
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(sum x^2 / sum (x - x̂)^2), in float64."""
+    ref, approx = ref.double().reshape(-1), approx.double().reshape(-1)
+    noise = (ref - approx).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return float("inf")
+    return 10 * math.log10(signal / noise)
+
+
+def layout(spec: Spec, numel: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """What quantize() will produce for a tensor of `numel` values, known before any work is done:
+    component suffix -> (dtype, shape). The planner sizes shards and the file header from it."""
+    n_blocks = math.ceil(numel / spec.block_size)
+    out = {"codes": (torch.uint8, (packed_nbytes(numel, spec.bits),))}
+    if spec.double_quant:
+        out["scales"] = (torch.uint8, (n_blocks,))
+        out["scales_absmax"] = (torch.float32, (math.ceil(n_blocks / DQ_BLOCK),))
+        out["scales_offset"] = (torch.float32, (1,))
+    else:
+        out["scales"] = (SCALE_DTYPES[spec.scale_dtype], (n_blocks,))
+    if spec.dtype == "quantile":
+        out["codebook"] = (torch.float32, (2**spec.bits,))
+    return out
+
+
+def layout_bits(spec: Spec, numel: int) -> int:
+    """On-disk bits of one quantized tensor (its own codebook included; shared tables are not)."""
+    return sum(math.prod(shape) * dt.itemsize * 8 for dt, shape in layout(spec, numel).values())

@@ -1,0 +1,102 @@
+"""decode: k-bit checkpoint -> standard dense safetensors checkpoint (same names and shapes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from kbitcli.errors import bad_input
+from kbitcli.formats.kbit_format import MANIFEST, KbitCheckpoint, shard_names
+from kbitcli.formats.output import AtomicOutput, check_destination
+from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
+from kbitcli.plan import assign_shards, parse_size
+from kbitcli.progress import NullProgress
+
+OUT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class _Entry:
+    """Shard planning for decode: a name with the bytes it will take."""
+
+    def __init__(self, name, dtype, shape):
+        self.name, self.dtype, self.shape = name, dtype, shape
+
+    def out_bytes(self):
+        return nbytes(self.dtype, self.shape)
+
+
+def out_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "original", "auto"):
+        return None
+    if name not in OUT_DTYPES:
+        raise bad_input(f"--dtype {name!r}: choose one of fp32, fp16, bf16 (or 'original')")
+    return OUT_DTYPES[name]
+
+
+def open_checkpoint(path: str):
+    """A kbit checkpoint, or (issue 5) a bitsandbytes / compressed-tensors / GGUF one: anything with
+    .names, .shape(n), .orig_dtype(n), .tensor(n, dtype), .config."""
+    if not os.path.exists(path):
+        raise bad_input(f"{path}: no such file or folder")
+    try:
+        from kbitcli.formats import foreign
+    except ImportError:
+        foreign = None
+    if foreign is not None:
+        reader = foreign.open_foreign(path)
+        if reader is not None:
+            return reader
+    return KbitCheckpoint(path)
+
+
+def decode(src: str, dst: str, dtype: str | None = None, *, force: bool = False, max_shard_size: str = "5GB",
+           progress=None) -> dict:
+    t0 = time.time()
+    progress = progress or NullProgress()
+    ck = open_checkpoint(src)
+    want = out_dtype(dtype)
+    check_destination(dst, force)
+    entries = []
+    for n in ck.names:
+        od = ck.orig_dtype(n)
+        entries.append(_Entry(n, want if (want is not None and od.is_floating_point) else od, ck.shape(n)))
+    shards = assign_shards(entries, parse_size(max_shard_size))
+    folder = ck.is_folder
+    names = shard_names(len(shards))
+    total = sum(e.out_bytes() for e in entries)
+    with AtomicOutput(dst, folder=folder, force=force) as out:
+        progress.start("decode", total, len(entries))
+        for shard, fname in zip(shards, names):
+            path = os.path.join(out.tmp, fname) if folder else out.tmp
+            pf = PlannedFile(path, [(e.name, e.dtype, e.shape) for e in shard], {"format": "pt"})
+            try:
+                for e in shard:
+                    pf.put(e.name, ck.tensor(e.name, e.dtype).reshape(e.shape).to(e.dtype))
+                    progress.advance(e.name, e.out_bytes())
+                pf.close()
+            finally:
+                pf.abort()
+        progress.stop()
+        if folder:
+            if len(names) > 1:
+                wm = {e.name: f for shard, f in zip(shards, names) for e in shard}
+                with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": wm}, fh, indent=2)
+            for f in sorted(os.listdir(ck.path)):
+                full = os.path.join(ck.path, f)
+                if (os.path.isfile(full) and not f.endswith((".safetensors", ".gguf")) and f not in
+                        (MANIFEST, "config.json", "model.safetensors.index.json")):
+                    shutil.copy2(full, os.path.join(out.tmp, f))
+            if ck.config is not None:
+                cfg = {k: v for k, v in ck.config.items() if k != "quantization_config"}
+                if want is not None:
+                    cfg["torch_dtype"] = str(want).removeprefix("torch.")
+                with open(os.path.join(out.tmp, "config.json"), "w") as fh:
+                    json.dump(cfg, fh, indent=2)
+    return {"source": src, "destination": dst, "tensors": len(entries), "bytes_out": total,
+            "dtype": dtype or "original", "seconds": round(time.time() - t0, 3)}

@@ -1,0 +1,141 @@
+"""encode: dense checkpoint -> native k-bit checkpoint. Plan everything, then stream tensor by tensor."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from kbitcli import __version__
+from kbitcli.core.blockwise import quantize
+from kbitcli.errors import bad_input
+from kbitcli.formats.kbit_format import FORMAT_VERSION, MANIFEST, file_metadata, shard_names, tensor_meta
+from kbitcli.formats.output import AtomicOutput, check_destination, file_record
+from kbitcli.formats.safetensors_stream import PlannedFile
+from kbitcli.formats.source import Source, open_source
+from kbitcli.plan import Plan, codebook_key, make_plan, parse_size
+from kbitcli.progress import NullProgress
+from kbitcli.recipes import Recipe
+
+DEFAULT_SHARD = "5GB"
+QUANT_METHOD = "kbit"
+
+
+def refuse_quantized(src: Source) -> None:
+    """An already quantized input would be quantized twice: refuse it, naming what was found."""
+    if src.metadata.get("format") == "kbit" or any(n.endswith(".codes") for n in src.names):
+        raise bad_input(f"{src.path} is already a kbit checkpoint; encode the original, or `kbit decode` it first")
+    if any(n.endswith((".absmax", ".quant_map", "weight_packed", ".qweight")) or ".quant_state." in n for n in src.names):
+        raise bad_input(f"{src.path} is already quantized (bitsandbytes / compressed-tensors / GPTQ keys); "
+                        "`kbit decode` it to a dense checkpoint first")
+    qc = (src.config or {}).get("quantization_config")
+    if qc:
+        raise bad_input(f"{src.path}/config.json has a quantization_config ({qc.get('quant_method', '?')}); "
+                        "encode the original dense model")
+
+
+def plan_source(src: Source, recipe: Recipe, max_shard_size: str | int | None = DEFAULT_SHARD) -> Plan:
+    refuse_quantized(src)
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    return make_plan(((n, *src.info(n)) for n in src.names), recipe, limit)
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    return {**recipe.settings(), "targets": recipe.targets, "ignore": recipe.ignore,
+            "overrides": [{"pattern": o.pattern, **o.settings} for o in recipe.overrides], "source": recipe.source}
+
+
+def quantization_config(plan: Plan) -> dict:
+    r = plan.recipe
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": r.bits, "block_size": r.block_size,
+            "dtype": r.dtype, "double_quant": r.double_quant,
+            "quantized_tensors": len(plan.quantized), "bits_per_param": plan.summary()["bits_per_param_quantized"]}
+
+
+def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_size: str | int | None = DEFAULT_SHARD,
+           force: bool = False, dry_run: bool = False, progress=None, lineage: list | None = None,
+           tensor_hook=None) -> dict:
+    """Encode src_path into dst. Returns the summary dict that `--json` prints.
+
+    tensor_hook(name, tensor) -> tensor, if given, transforms each source tensor before it is planned-in
+    (used by finetune's --merge kbit to fold adapters into the base); shapes and dtypes must not change.
+    """
+    t0 = time.time()
+    recipe = recipe or Recipe()
+    progress = progress or NullProgress()
+    src = open_source(src_path)
+    plan = plan_source(src, recipe, max_shard_size)
+    summary = plan.summary()
+    result = {"source": src_path, "destination": dst, "dry_run": dry_run, **summary,
+              "plan": [t.as_dict() for t in plan.tensors], "recipe": recipe_dict(recipe)}
+    if dry_run:
+        return result
+    check_destination(dst, force)
+    if os.path.abspath(dst) == os.path.abspath(src_path):
+        raise bad_input(f"{dst}: destination is the source; choose another path")
+    folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
+    codebooks = plan.shared_codebooks()
+    names = shard_names(len(plan.shards))
+    with AtomicOutput(dst, folder=folder, force=force) as out:
+        files = []
+        progress.start("encode", summary["bytes_in"], summary["tensors"])
+        for shard, fname in zip(plan.shards, names):
+            path = os.path.join(out.tmp, fname) if folder else out.tmp
+            keys = {codebook_key(t.spec.dtype, t.spec.bits) for t in shard if t.quantized}
+            used = {k: v for k, v in codebooks.items() if k in keys}
+            entries = [e for t in shard for e in t.outputs()] + [(k, torch.float32, tuple(v.shape)) for k, v in used.items()]
+            metas = {t.name: tensor_meta(t) for t in shard if t.quantized}
+            pf = PlannedFile(path, entries, file_metadata(metas))
+            try:
+                for k, v in used.items():
+                    pf.put(k, v)
+                for t in shard:
+                    w = src.get(t.name)
+                    if tensor_hook is not None:
+                        w = tensor_hook(t.name, w)
+                    if t.quantized:
+                        qt = quantize(w, t.spec, t.name)
+                        parts = {"codes": qt.codes, "scales": qt.scales, "codebook": qt.codebook,
+                                 "scales_absmax": qt.scales_absmax, "scales_offset": qt.scales_offset}
+                        for key, dt, shape in t.outputs():
+                            pf.put(key, parts[key[len(t.name) + 1:]])
+                    else:
+                        pf.put(t.name, w)
+                    progress.advance(t.name, t.in_bytes())
+                pf.close()
+            finally:
+                pf.abort()
+            files.append(path)
+        progress.stop()
+        root = out.tmp
+        manifest = {"tool": "kbit", "version": __version__, "format_version": FORMAT_VERSION,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "source": {"path": os.path.abspath(src_path), "files": [file_record(f) for f in src.files]},
+                    "recipe": recipe_dict(recipe), "summary": summary, "tensors": result["plan"],
+                    "lineage": lineage or []}
+        if folder:
+            if len(names) > 1:
+                weight_map = {key: fname for shard, fname in zip(plan.shards, names) for t in shard for key, _, _ in t.outputs()}
+                with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
+                    json.dump({"metadata": {"total_size": summary["bytes_out"], "format": "kbit"}, "weight_map": weight_map}, fh, indent=2)
+            for side in src.side_files():
+                shutil.copy2(side, os.path.join(out.tmp, os.path.basename(side)))
+            if src.config is not None:
+                with open(os.path.join(out.tmp, "config.json"), "w") as fh:
+                    json.dump({**src.config, "quantization_config": quantization_config(plan)}, fh, indent=2)
+            manifest["outputs"] = [file_record(os.path.join(root, f), root) for f in sorted(os.listdir(root))]
+            man_path = os.path.join(out.tmp, MANIFEST)
+        else:
+            manifest["outputs"] = [{**file_record(out.tmp), "name": os.path.basename(dst)}]
+            man_path = out.sidecar(dst + ".manifest.json")
+        with open(man_path, "w") as fh:
+            json.dump(manifest, fh, indent=2)
+    result["bytes_out"] = sum(r["bytes"] for r in manifest["outputs"] if r["name"].endswith(".safetensors"))
+    result["seconds"] = round(time.time() - t0, 3)
+    result["files"] = [r["name"] for r in manifest["outputs"]]
+    return result
+

@@ -1,0 +1,85 @@
+"""All-or-nothing output: everything is written under a temporary name beside DST and renamed at the end.
+
+An error, a crash or Ctrl-C leaves DST exactly as it was (absent, or the old one when --force was given),
+plus at worst a hidden `.DST.kbit-tmp-PID` that is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+from kbitcli.errors import bad_input
+
+
+def check_destination(dst: str, force: bool) -> None:
+    if os.path.lexists(dst) and not force:
+        raise bad_input(f"{dst} already exists; pass --force to replace it, or choose another destination")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise bad_input(f"{dst}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise bad_input(f"{dst}: folder {parent} is not writable; choose another destination")
+
+
+class AtomicOutput:
+    """with AtomicOutput(dst, folder=True, force=False) as out: write under out.tmp, then it is renamed."""
+
+    def __init__(self, dst: str, folder: bool, force: bool):
+        check_destination(dst, force)
+        self.dst = os.path.abspath(dst)
+        parent, base = os.path.split(self.dst)
+        self.tmp = os.path.join(parent, f".{base}.kbit-tmp-{os.getpid()}")
+        self.folder = folder
+        self.extra: list[tuple[str, str]] = []  # (tmp path, final path) of sidecar files
+
+    def __enter__(self):
+        _remove(self.tmp)
+        if self.folder:
+            os.makedirs(self.tmp)
+        return self
+
+    def sidecar(self, final_path: str) -> str:
+        """A second file renamed into place with the main output (e.g. a single file's manifest)."""
+        tmp = self.tmp + "." + os.path.basename(final_path)
+        self.extra.append((tmp, final_path))
+        return tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            _remove(self.tmp)
+            for tmp, _ in self.extra:
+                _remove(tmp)
+            return False
+        old = self.dst + f".kbit-old-{os.getpid()}"
+        if os.path.lexists(self.dst):
+            os.replace(self.dst, old) if not os.path.isdir(self.dst) or self.folder else shutil.move(self.dst, old)
+        os.replace(self.tmp, self.dst)
+        for tmp, final in self.extra:
+            os.replace(tmp, final)
+        _remove(old)
+        return False
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def file_record(path: str, root: str | None = None) -> dict:
+    return {"name": os.path.relpath(path, root) if root else os.path.basename(path),
+            "bytes": os.path.getsize(path), "sha256": sha256_file(path)}

@@ -1,0 +1,148 @@
+"""Read a dense checkpoint tensor by tensor: a .safetensors file, a .bin file, or a Hugging Face model folder.
+
+Nothing is loaded until asked for: safetensors files are opened lazily (mmap) and `.bin` files are loaded
+with torch.load(weights_only=True, mmap=True), which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from kbitcli.errors import bad_input
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# files of a model folder that are not weights and travel with the checkpoint unchanged
+SIDE_FILE_SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", "kbit_manifest.json"}
+
+
+def open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise bad_input(f"{path}: not a readable safetensors file ({_short(e)}); re-download or re-export it") from None
+
+
+def load_bin(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise bad_input(
+            f"{path}: refused to unpickle (it holds more than tensors: {_short(e)}); convert it to safetensors "
+            "with a tool you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise bad_input(f"{path}: not a readable PyTorch checkpoint ({_short(e)}); re-download it") from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+@dataclass
+class Source:
+    """A dense checkpoint. names: tensor names in file order; files: the weight files."""
+
+    path: str
+    is_folder: bool
+    files: list[str]
+    names: list[str] = field(default_factory=list)
+    where: dict[str, str] = field(default_factory=dict)  # tensor name -> file
+    config: dict | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # header metadata of the first safetensors file
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = open_safetensors(file) if file.endswith(".safetensors") else load_bin(file)
+        return self._handles[file]
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        h = self._handle(self.where[name])
+        if isinstance(h, dict):
+            t = h[name]
+            return t.dtype, tuple(t.shape)
+        sl = h.get_slice(name)
+        from kbitcli.formats.safetensors_stream import TORCH_DTYPES
+
+        return TORCH_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        h = self._handle(self.where[name])
+        try:
+            return h[name] if isinstance(h, dict) else h.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise bad_input(f"{self.where[name]}: cannot read tensor {name!r} ({_short(e)}); the file is damaged") from None
+
+    def side_files(self) -> list[str]:
+        """Small non-weight files of a folder (tokenizer, generation config, README...) to copy along."""
+        if not self.is_folder:
+            return []
+        out = []
+        for f in sorted(os.listdir(self.path)):
+            full = os.path.join(self.path, f)
+            if os.path.isfile(full) and f not in SIDE_FILE_SKIP and not f.endswith(WEIGHT_SUFFIXES):
+                out.append(full)
+        return out
+
+
+def _folder_files(path: str) -> list[str]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = os.path.join(path, index_name)
+        if os.path.exists(index):
+            try:
+                with open(index) as fh:
+                    weight_map = json.load(fh)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise bad_input(f"{index}: not a valid shard index ({_short(e)})") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+            if missing:
+                raise bad_input(f"{index} names shard {missing[0]!r}, which is missing; re-download the model")
+            return [os.path.join(path, f) for f in files]
+        if os.path.exists(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise bad_input(
+        f"{path}: no model.safetensors, sharded index or pytorch_model.bin found; point at a model folder or a file"
+    )
+
+
+def open_source(path: str) -> Source:
+    if not os.path.exists(path):
+        raise bad_input(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        files = _folder_files(path)
+        config = None
+        cfg = os.path.join(path, "config.json")
+        if os.path.exists(cfg):
+            try:
+                with open(cfg) as fh:
+                    config = json.load(fh)
+            except ValueError as e:
+                raise bad_input(f"{cfg}: not valid JSON ({_short(e)})") from None
+        src = Source(path, True, files, config=config)
+    else:
+        if not path.endswith(WEIGHT_SUFFIXES):
+            raise bad_input(f"{path}: expected a .safetensors or .bin file, or a model folder")
+        src = Source(path, False, [path])
+    for file in src.files:
+        h = src._handle(file)
+        keys = list(h.keys())
+        if not isinstance(h, dict) and not src.metadata:
+            src.metadata = h.metadata() or {}
+        elif isinstance(h, dict):
+            bad = [k for k, v in h.items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise bad_input(f"{file}: entry {bad[0]!r} is not a tensor; save a plain state dict")
+        for k in keys:
+            src.where.setdefault(k, file)
+            src.names.append(k)
+    if not src.names:
+        raise bad_input(f"{path}: holds no tensors")
+    return src

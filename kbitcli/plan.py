@@ -57,7 +57,8 @@ class TensorPlan:
              "bits_per_param": round(self.bits_per_param(), 4)}
         if self.spec:
             d.update(bits=self.spec.bits, block_size=self.block_label, block_values=self.spec.block_size,
-                     data_type=self.spec.dtype, double_quant=self.spec.double_quant, scale_dtype=self.spec.scale_dtype)
+                     data_type=self.spec.dtype, double_quant=self.spec.double_quant, scale_dtype=self.spec.scale_dtype,
+                     scale_search=self.spec.scale_search)
         return d
 
 
@@ -71,19 +72,24 @@ class Plan:
     def quantized(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.quantized]
 
-    def shared_codebooks(self) -> dict[str, torch.Tensor]:
-        """Tables of the fixed data types in use, stored once per file: key -> float32 table."""
+    def shared_codebooks(self, tensors: list[TensorPlan] | None = None) -> dict[str, torch.Tensor]:
+        """Tables the quantized `tensors` (default: all) index, stored once per file: key -> float32 table.
+        The fixed data types' tables, and the 8-bit dynamic table that double-quantized scales index."""
         out = {}
-        for t in self.quantized:
+        for t in self.quantized if tensors is None else [t for t in tensors if t.quantized]:
             if t.spec.dtype != "quantile":
                 out[codebook_key(t.spec.dtype, t.spec.bits)] = fixed_codebook(t.spec.dtype, t.spec.bits)
+            if t.spec.double_quant:
+                out[codebook_key("dynamic", 8)] = fixed_codebook("dynamic", 8)
         return out
 
     def summary(self) -> dict:
         q = self.quantized
         params = sum(t.numel for t in self.tensors)
         qparams = sum(t.numel for t in q)
-        shared_bytes = sum(v.numel() * 4 for v in self.shared_codebooks().values()) * max(1, len(self.shards))
+        # each shard holds the shared tables its own tensors use
+        shared_bytes = sum(v.numel() * 4 for s in (self.shards or [self.tensors])
+                           for v in self.shared_codebooks(s).values())
         out_bytes = sum(t.out_bytes() for t in self.tensors) + shared_bytes
         qbits = sum(t.out_bytes() * 8 for t in q)
         return {
@@ -110,7 +116,8 @@ def _resolve(settings: dict, name: str, shape) -> tuple[Spec, int | str]:
             f"block_size {block} does not fit tensor {name!r} ({numel} values, shape {list(shape)}); "
             f"use a block of at most {numel} values or 'tensor' (override it with --override '{name}=block_size:tensor')"
         )
-    spec = Spec(settings["bits"], values, settings["dtype"], settings["double_quant"], settings["scale_dtype"])
+    spec = Spec(settings["bits"], values, settings["dtype"], settings["double_quant"], settings["scale_dtype"],
+                settings["scale_search"])
     return spec, block
 
 

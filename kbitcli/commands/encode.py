@@ -10,7 +10,7 @@ from rich.table import Table
 from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
 from kbitcli.encode import DEFAULT_SHARD, encode
-from kbitcli.recipes import load_recipe, with_flags
+from kbitcli.recipes import Recipe, load_recipe, with_flags
 
 
 def show_plan(result: dict, con, limit: int | None = None) -> None:
@@ -45,19 +45,27 @@ def encode_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", "-t", help="int | fp | nf | quantile | dynamic."),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="8-bit scales (bnb style)."),
     scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="fp16 | bf16 | fp32 scales."),
+    scale_search: Optional[int] = typer.Option(None, "--scale-search", help="Candidate scales per block (1 = plain absmax)."),
     targets: Optional[List[str]] = typer.Option(None, "--targets", help="Pattern of tensors to quantize (repeatable); replaces the recipe's."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Pattern of tensors to keep dense (repeatable)."),
     override: Optional[List[str]] = typer.Option(None, "--override", "-o", help="PATTERN=BITS | PATTERN=skip | PATTERN=key:value,... (repeatable, in order)."),
     max_shard_size: str = typer.Option(DEFAULT_SHARD, "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and sizes; write nothing."),
+    fmt: str = typer.Option("kbit", "--format", "-f", help="kbit | bnb | compressed-tensors | gguf (see docs/INTEROP.md)."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="With --format gguf: Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 (default: from --bits)."),
     force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
     """Quantize SRC to k bits and write a kbit checkpoint to DST."""
 
     def work(con):
-        r = with_flags(load_recipe(recipe), bits=bits, block_size=block_size, dtype=dtype, double_quant=double_quant,
-                       scale_dtype=scale_dtype, targets=targets, ignore=ignore, overrides=override or ())
+        from kbitcli.formats.export_common import format_defaults
+
+        # without a recipe, a format starts from its own defaults (GGUF: int, blocks of 32); flags still win
+        base = load_recipe(recipe) if recipe else Recipe(**format_defaults(fmt))
+        k = int(gguf_type[1]) if bits is None and gguf_type and gguf_type[1:2].isdigit() else bits
+        r = with_flags(base, bits=k, block_size=block_size, dtype=dtype, double_quant=double_quant,
+                       scale_dtype=scale_dtype, scale_search=scale_search, targets=targets, ignore=ignore, overrides=override or ())
         return encode(src, dst, r, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
-                      progress=progress_for(quiet, con))
+                      progress=progress_for(quiet, con), fmt=fmt, gguf_type=gguf_type)
 
     run(work, as_json=as_json, quiet=quiet, show=show_plan)

@@ -18,6 +18,7 @@ import torch
 
 from kbitcli.core import codebooks
 from kbitcli.core.pack import pack, packed_nbytes, unpack
+from kbitcli.core.scale_search import search_scales
 from kbitcli.errors import bad_input
 
 CHUNK = 1 << 21  # values per chunk (8 MB of fp32): bounds peak memory whatever the tensor size
@@ -34,6 +35,7 @@ class Spec:
     dtype: str
     double_quant: bool = False
     scale_dtype: str = "fp16"
+    scale_search: int = 1  # candidate scales per block (1 = plain absmax); see scale_search.py
 
 
 @dataclass
@@ -133,6 +135,10 @@ def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTens
     if n == 0:
         raise bad_input(f"tensor {name!r} is empty; leave it out of the targets")
     absmax = block_absmax(flat, B, name)
+    table = None
+    if spec.scale_search > 1:
+        table = _table(spec, flat, absmax, B)
+        absmax = search_scales(flat, absmax, table, B, spec.scale_search, _chunk_len(B))
 
     scales_absmax = scales_offset = None
     if spec.double_quant:
@@ -150,10 +156,8 @@ def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTens
     # a block of zeros keeps scale 0 and decodes to 0 whatever its codes; divide by 1 to avoid 0/0
     safe = torch.where(eff > 0, eff, torch.ones_like(eff))
 
-    if spec.dtype == "quantile":
-        table = codebooks.quantile_codebook(_normalized_sample(flat, safe, B), spec.bits)
-    else:
-        table = codebooks.fixed_codebook(spec.dtype, spec.bits)
+    if table is None:
+        table = _table(spec, flat, safe, B)
 
     step = _chunk_len(B)
     packed = []
@@ -163,6 +167,13 @@ def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTens
     codes = torch.cat(packed)
     assert codes.numel() == packed_nbytes(n, spec.bits)
     return QuantizedTensor(spec, tuple(w.shape), w.dtype, codes, scales, table, scales_absmax, scales_offset)
+
+
+def _table(spec: Spec, flat: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    if spec.dtype == "quantile":
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        return codebooks.quantile_codebook(_normalized_sample(flat, safe, block), spec.bits)
+    return codebooks.fixed_codebook(spec.dtype, spec.bits)
 
 
 def _per_block(x: torch.Tensor, scales: torch.Tensor, block: int, op) -> torch.Tensor:

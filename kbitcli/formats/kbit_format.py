@@ -5,7 +5,7 @@ See docs/FORMAT.md for the specification. In short, a quantized tensor T is stor
 `T.scales_offset` (double quantization) and `T.codebook` (quantile type); the table of a fixed data type is
 stored once per file as `kbit.codebook.<dtype><k>`. Dense tensors keep their name, dtype and shape.
 The header's `__metadata__` carries `format = "kbit"`, `kbit.format_version` and `kbit.tensors`, a JSON
-object {T: {bits, block_size, dtype, double_quant, scale_dtype, shape, orig_dtype, codebook}}.
+object {T: {bits, block_size, dtype, double_quant, scale_dtype, shape, orig_dtype, codebook[, scales_codebook]}}.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 def tensor_meta(tp) -> dict:
     s = tp.spec
-    return {"bits": s.bits, "block_size": s.block_size, "dtype": s.dtype, "double_quant": s.double_quant,
-            "scale_dtype": s.scale_dtype, "shape": list(tp.shape), "orig_dtype": DTYPE_NAMES[tp.dtype],
+    meta = {"bits": s.bits, "block_size": s.block_size, "dtype": s.dtype, "double_quant": s.double_quant,
+            "scale_dtype": s.scale_dtype, "scale_search": s.scale_search, "shape": list(tp.shape), "orig_dtype": DTYPE_NAMES[tp.dtype],
             "codebook": f"{tp.name}.codebook" if s.dtype == "quantile" else f"kbit.codebook.{s.dtype}{s.bits}"}
+    if s.double_quant:
+        meta["scales_codebook"] = "kbit.codebook.dynamic8"  # the table the 8-bit scale codes index
+    return meta
 
 
 def file_metadata(tensor_metas: dict[str, dict]) -> dict[str, str]:

@@ -1,0 +1,46 @@
+"""Per-block scale search: pick, for every block, the scale that minimises its squared error.
+
+Plain absmax scaling maps the block's largest value exactly onto the codebook's end (±1); every other value
+then lives on a grid stretched to fit that one value. Shrinking the scale a little (clipping the extreme to
+the last code) usually lowers the block's total error, the more so at low k. We try `n` scales
+absmax * (1, 0.95, 0.90, ...) and keep the best per block, as llama.cpp's k-quants do with their scale search.
+The search only changes which scale is stored: the format and the decoder stay the same. On MiniLM's 37
+linear weights at nf/k=4/B=64 it lifts SQNR from 20.55 dB to about 21.0 dB at the same 4.25 bits/param.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STEP = 0.05  # candidate scales: absmax * (1 - STEP * i), i = 0 .. n-1
+
+
+def search_scales(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int, n: int,
+                  chunk_values: int) -> torch.Tensor:
+    """flat: the tensor's values; absmax: fp32 per block; returns fp32 per-block scales (<= absmax)."""
+    from kbitcli.core.blockwise import nearest  # local: blockwise imports this module
+
+    out = absmax.clone()
+    mids = None
+    for start in range(0, flat.numel(), chunk_values):
+        x = flat[start : start + chunk_values].float()
+        b0 = start // block
+        full = x.numel() // block * block
+        parts = [(x[:full].view(-1, block), slice(b0, b0 + full // block))] if full else []
+        if full < x.numel():
+            nb = b0 + full // block
+            parts.append((x[full:].view(1, -1), slice(nb, nb + 1)))
+        for xb, sl in parts:
+            amax = absmax[sl]
+            best_err = None
+            for i in range(n):
+                s = amax * (1 - STEP * i)
+                safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
+                err = (table[nearest(xb / safe, table)] * safe - xb).pow(2).sum(dim=1)
+                if best_err is None:
+                    best_err = err
+                    continue
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                out[sl] = torch.where(better, s, out[sl])
+    return out

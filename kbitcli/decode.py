@@ -87,11 +87,14 @@ def decode(src: str, dst: str, dtype: str | None = None, *, force: bool = False,
                 wm = {e.name: f for shard, f in zip(shards, names) for e in shard}
                 with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
                     json.dump({"metadata": {"total_size": total}, "weight_map": wm}, fh, indent=2)
-            for f in sorted(os.listdir(ck.path)):
-                full = os.path.join(ck.path, f)
-                if (os.path.isfile(full) and not f.endswith((".safetensors", ".gguf")) and f not in
-                        (MANIFEST, "config.json", "model.safetensors.index.json")):
-                    shutil.copy2(full, os.path.join(out.tmp, f))
+            if hasattr(ck, "write_side_files"):  # a GGUF file: the tokenizer is rebuilt from its metadata
+                ck.write_side_files(out.tmp)
+            else:
+                for f in sorted(os.listdir(ck.path)):
+                    full = os.path.join(ck.path, f)
+                    if (os.path.isfile(full) and not f.endswith((".safetensors", ".gguf")) and f not in
+                            (MANIFEST, "config.json", "model.safetensors.index.json")):
+                        shutil.copy2(full, os.path.join(out.tmp, f))
             if ck.config is not None:
                 cfg = {k: v for k, v in ck.config.items() if k != "quantization_config"}
                 if want is not None:

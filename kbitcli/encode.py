@@ -15,9 +15,9 @@ from kbitcli.core.blockwise import quantize
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import FORMAT_VERSION, MANIFEST, file_metadata, shard_names, tensor_meta
 from kbitcli.formats.output import AtomicOutput, check_destination, file_record
-from kbitcli.formats.safetensors_stream import PlannedFile
+from kbitcli.formats.safetensors_stream import PlannedFile, planned_file_size
 from kbitcli.formats.source import Source, open_source
-from kbitcli.plan import Plan, codebook_key, make_plan, parse_size
+from kbitcli.plan import Plan, make_plan, parse_size
 from kbitcli.progress import NullProgress
 from kbitcli.recipes import Recipe
 
@@ -56,10 +56,20 @@ def quantization_config(plan: Plan) -> dict:
             "quantized_tensors": len(plan.quantized), "bits_per_param": plan.summary()["bits_per_param_quantized"]}
 
 
+def shard_layout(plan: Plan, shard: list) -> tuple[dict, list, dict]:
+    """What one output file holds, known before any work: (shared tables, (key, dtype, shape) entries, metadata)."""
+    used = plan.shared_codebooks(shard)
+    entries = [e for t in shard for e in t.outputs()] + [(k, torch.float32, tuple(v.shape)) for k, v in used.items()]
+    return used, entries, file_metadata({t.name: tensor_meta(t) for t in shard if t.quantized})
+
+
 def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_size: str | int | None = DEFAULT_SHARD,
            force: bool = False, dry_run: bool = False, progress=None, lineage: list | None = None,
-           tensor_hook=None) -> dict:
+           tensor_hook=None, fmt: str = "kbit", gguf_type: str | None = None) -> dict:
     """Encode src_path into dst. Returns the summary dict that `--json` prints.
+
+    fmt: "kbit" (native), or "bnb" / "compressed-tensors" / "gguf" to write a format other engines load
+    (kbitcli/formats/export_common.py; each refuses up front what it cannot hold).
 
     tensor_hook(name, tensor) -> tensor, if given, transforms each source tensor before it is planned-in
     (used by finetune's --merge kbit to fold adapters into the base); shapes and dtypes must not change.
@@ -68,8 +78,28 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     recipe = recipe or Recipe()
     progress = progress or NullProgress()
     src = open_source(src_path)
+    if gguf_type is not None and fmt != "gguf":
+        raise bad_input(f"--gguf-type {gguf_type} goes with --format gguf, not --format {fmt}")
     plan = plan_source(src, recipe, max_shard_size)
+    if fmt != "kbit":
+        from kbitcli.formats.export_common import format_module
+
+        module = format_module(fmt)
+        options = {"gguf_type": gguf_type} if fmt == "gguf" else {}
+        if not dry_run:
+            check_destination(dst, force)
+            if os.path.abspath(dst) == os.path.abspath(src_path):
+                raise bad_input(f"{dst}: destination is the source; choose another path")
+        limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+        result = module.export(src, src_path, dst, plan, recipe, recipe_dict(recipe), force=force, dry_run=dry_run,
+                               progress=progress, max_shard_bytes=limit, **options)
+        result["seconds"] = round(time.time() - t0, 3)
+        return result
     summary = plan.summary()
+    layouts = [shard_layout(plan, shard) for shard in plan.shards]
+    data_bytes = summary["bytes_out"]  # tensor bytes only, as the index's total_size counts them
+    # the exact bytes of the files a real encode writes (headers included): --dry-run reports the same number
+    summary["bytes_out"] = sum(planned_file_size(entries, md) for _, entries, md in layouts)
     result = {"source": src_path, "destination": dst, "dry_run": dry_run, **summary,
               "plan": [t.as_dict() for t in plan.tensors], "recipe": recipe_dict(recipe)}
     if dry_run:
@@ -78,18 +108,13 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     if os.path.abspath(dst) == os.path.abspath(src_path):
         raise bad_input(f"{dst}: destination is the source; choose another path")
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
-    codebooks = plan.shared_codebooks()
     names = shard_names(len(plan.shards))
     with AtomicOutput(dst, folder=folder, force=force) as out:
         files = []
         progress.start("encode", summary["bytes_in"], summary["tensors"])
-        for shard, fname in zip(plan.shards, names):
+        for shard, fname, (used, entries, metadata) in zip(plan.shards, names, layouts):
             path = os.path.join(out.tmp, fname) if folder else out.tmp
-            keys = {codebook_key(t.spec.dtype, t.spec.bits) for t in shard if t.quantized}
-            used = {k: v for k, v in codebooks.items() if k in keys}
-            entries = [e for t in shard for e in t.outputs()] + [(k, torch.float32, tuple(v.shape)) for k, v in used.items()]
-            metas = {t.name: tensor_meta(t) for t in shard if t.quantized}
-            pf = PlannedFile(path, entries, file_metadata(metas))
+            pf = PlannedFile(path, entries, metadata)
             try:
                 for k, v in used.items():
                     pf.put(k, v)
@@ -121,7 +146,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
             if len(names) > 1:
                 weight_map = {key: fname for shard, fname in zip(plan.shards, names) for t in shard for key, _, _ in t.outputs()}
                 with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
-                    json.dump({"metadata": {"total_size": summary["bytes_out"], "format": "kbit"}, "weight_map": weight_map}, fh, indent=2)
+                    json.dump({"metadata": {"total_size": data_bytes, "format": "kbit"}, "weight_map": weight_map}, fh, indent=2)
             for side in src.side_files():
                 shutil.copy2(side, os.path.join(out.tmp, os.path.basename(side)))
             if src.config is not None:

@@ -20,6 +20,14 @@ from kbitcli.recipes import is_default_target
 def inspect(path: str, verify: bool = False) -> dict:
     if not os.path.exists(path):
         raise bad_input(f"{path}: no such file or folder")
+    from kbitcli.formats import foreign
+
+    reader = foreign.open_foreign(path)  # bitsandbytes / compressed-tensors / GGUF (issue 5)
+    if reader is not None:
+        out = foreign.describe(reader)
+        if verify:
+            out["verify"] = foreign.verify(reader)
+        return out
     if not looks_kbit(path):
         if verify:
             raise bad_input(f"{path} is not a kbit checkpoint; --verify checks kbit checkpoints against their manifest")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 class NullProgress:
@@ -47,3 +47,20 @@ class RichProgress(NullProgress):
             self.progress.stop()
             self.progress = None
 
+
+
+class StepProgress(RichProgress):
+    """One bar counting steps (batches, cells) with the current item, for work that is not about bytes.
+    Same start/advance/stop calls as RichProgress; total_bytes is ignored."""
+
+    def start(self, description: str, total_bytes: int, total_items: int) -> None:
+        self.stop()
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[item]}", style="dim"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.items_task = self.progress.add_task(description, total=total_items or None, item="")
+        self.progress.start()
+
+    def advance(self, item: str, nbytes: int = 0) -> None:
+        if self.progress is not None:
+            self.progress.update(self.items_task, advance=1, item=item[-48:])

@@ -33,6 +33,8 @@ def show_plan(result: dict, con, limit: int | None = None) -> None:
               f"{human_bytes(result['bytes_in'])} -> {human_bytes(result['bytes_out'])}"
               + (f" in {result['seconds']} s" if "seconds" in result else "")
               + (" [bold](dry run: nothing written)[/bold]" if result.get("dry_run") else f" -> {result['destination']}"))
+    for note in result.get("notes", []):  # --format bnb/compressed-tensors/gguf: what the target format changes
+        con.print(f"[yellow]note:[/yellow] {note}")
 
 
 @app.command("encode")

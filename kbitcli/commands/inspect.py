@@ -23,7 +23,7 @@ def show(r: dict, con) -> None:
             t.add_row(p["name"], "x".join(map(str, p["shape"])), "-", "-", p["dtype"] + mark, str(p["bits_per_param"]),
                       human_bytes(p["bytes"]))
     con.print(t)
-    if r["format"] == "kbit":
+    if r["format"] != "dense":
         con.print(f"{r['quantized_tensors']}/{r['tensors']} tensors quantized; bits/param "
                   f"{r['bits_per_param_quantized']} (quantized), {r['bits_per_param_model']} (whole model); "
                   f"{human_bytes(r['bytes'])} in {len(r['files'])} file(s)")

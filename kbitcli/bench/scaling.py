@@ -1,0 +1,334 @@
+"""bench scaling: the paper's bit-level scaling study for the user's own models.
+
+A study (YAML, see recipes/study-tiny.yaml) names models, one text and a grid of k x block size x data type.
+For each (model, cell) it records the total model bits (every stored bit: quantized tensors at k plus their
+scales and own codebooks, shared codebook tables, every other tensor at its stored width) and a metric:
+nll (nats/token) for causal LMs, 1 - mean cosine similarity of the pooled embeddings for encoders.
+
+Cells are evaluated by *simulated quantization*: one dense fp32 copy of the model gets each cell's
+quantized-then-dequantized weights (exactly the values the k-bit layers decode) and runs its normal forward,
+which is numerically the k-bit forward up to float rounding and far cheaper than an encode + load per cell.
+
+Every finished cell is appended to DIR/cells.jsonl at once, so an interrupted study resumes with --resume.
+At the end: results.csv / results.json, report.md, plots/*.png and the Pareto frontier (the verdict).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import time
+
+import yaml
+
+from kbitcli.bench import evaluate as ev
+from kbitcli.bench.error import grid_recipes, is_quantized_checkpoint, open_weights, parse_grid, simulated_quantization
+from kbitcli.errors import KbitError, bad_input
+from kbitcli.formats.output import AtomicOutput
+from kbitcli.plan import make_plan
+from kbitcli.recipes import Recipe, from_dict, load_recipe
+
+STUDY_KEYS = {"name", "text", "models", "grid", "recipe", "context", "stride", "split_on", "max_tokens", "max_lines"}
+MODEL_KEYS = {"path", "name"}
+CELLS = "cells.jsonl"
+CELL_KEY = ("model", "bits", "block_size", "dtype", "double_quant", "scale_search")
+
+
+def resolve_path(value, base: str, where: str) -> str:
+    """'pkg:MODULE/sub/path' is inside an installed package; anything else is relative to the study file."""
+    if not isinstance(value, str) or not value:
+        raise bad_input(f"{where}: expected a path, got {value!r}")
+    if value.startswith("pkg:"):
+        module, _, sub = value[4:].partition("/")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise bad_input(f"{where}: package {module!r} is not installed (pip install it, or give a folder path)")
+        path = os.path.join(list(spec.submodule_search_locations)[0], sub)
+    else:
+        path = os.path.join(base, os.path.expanduser(value))
+    path = os.path.normpath(path)
+    if not os.path.exists(path):
+        raise bad_input(f"{where}: {value!r} -> {path} does not exist")
+    return path
+
+
+def load_study(path: str) -> dict:
+    """Read and validate a study file; every error is one line naming the file and the key."""
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise bad_input(f"{path}: study file not found; see recipes/study-tiny.yaml") from None
+    except yaml.YAMLError as e:
+        raise bad_input(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise bad_input(f"{path}: a study is a YAML mapping with keys {', '.join(sorted(STUDY_KEYS))}")
+    unknown = set(data) - STUDY_KEYS
+    if unknown:
+        raise bad_input(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; valid keys: {', '.join(sorted(STUDY_KEYS))}")
+    base = os.path.dirname(os.path.abspath(path))
+    for key in ("text", "models", "grid"):
+        if key not in data:
+            raise bad_input(f"{path}: missing key {key!r} (see recipes/study-tiny.yaml)")
+    models = data["models"]
+    if not isinstance(models, list) or not models:
+        raise bad_input(f"{path}: models must be a non-empty list of folders (or {{path: ..., name: ...}})")
+    resolved = []
+    for i, m in enumerate(models):
+        where = f"{path}: models[{i}]"
+        if isinstance(m, str):
+            m = {"path": m}
+        if not isinstance(m, dict) or "path" not in m or set(m) - MODEL_KEYS:
+            raise bad_input(f"{where}: expected a folder path or {{path: ..., name: ...}}")
+        p = resolve_path(m["path"], base, where)
+        if not os.path.isdir(p):
+            raise bad_input(f"{where}: {p} is not a model folder")
+        if is_quantized_checkpoint(p):
+            raise bad_input(f"{where}: {p} is already quantized; a study starts from dense models")
+        ev.model_kind(p)  # config.json must be there
+        resolved.append({"path": p, "name": str(m.get("name") or os.path.basename(p.rstrip("/")))})
+    names = [m["name"] for m in resolved]
+    if len(set(names)) != len(names):
+        raise bad_input(f"{path}: two models are named alike ({names}); give each a distinct name:")
+    grid = data["grid"]
+    if not isinstance(grid, dict) or not grid:
+        raise bad_input(f"{path}: grid must map bits / block_size / dtype to lists, e.g. {{bits: 2..8, block_size: [64], dtype: [nf]}}")
+    tokens = []
+    for k, v in grid.items():
+        values = v if isinstance(v, list) else [v]
+        tokens.append(f"{k}={','.join(str(x).lower() if isinstance(x, bool) else str(x) for x in values)}")
+    try:
+        parsed = parse_grid(tokens)
+    except KbitError as e:
+        raise bad_input(f"{path}: grid: {str(e).removeprefix('--grid ')}") from None
+    recipe = data.get("recipe")
+    if isinstance(recipe, str):
+        base_recipe = load_recipe(os.path.join(base, recipe))
+    else:
+        base_recipe = from_dict(recipe or {}, f"{path}: recipe")
+    recipes = grid_recipes(base_recipe, parsed)
+    opts = {}
+    for key, default in (("context", None), ("stride", None), ("max_tokens", None), ("max_lines", 256)):
+        v = data.get(key, default)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise bad_input(f"{path}: {key} must be a positive whole number, got {v!r}")
+        opts[key] = v
+    split = data.get("split_on", "auto")
+    if split is not None and not isinstance(split, str):
+        raise bad_input(f"{path}: split_on must be 'auto', 'none' or a separator string")
+    text = resolve_path(data["text"], base, f"{path}: text")
+    return {"name": str(data.get("name") or os.path.splitext(os.path.basename(path))[0]), "file": path,
+            "text": text, "models": resolved, "recipes": recipes, "base_recipe": base_recipe,
+            "split_on": split or "none", **opts}
+
+
+def fingerprint(study: dict) -> str:
+    """What makes a finished cell reusable: the text and the evaluation options (not the grid or the models)."""
+    with open(study["text"], "rb") as fh:
+        text_sha = hashlib.sha256(fh.read()).hexdigest()
+    r = study["base_recipe"]
+    key = {"text": text_sha, "recipe": [r.targets, r.ignore, [(o.pattern, o.settings) for o in r.overrides], r.scale_dtype],
+           "version": 2,
+           **{k: study[k] for k in ("context", "stride", "split_on", "max_tokens", "max_lines")}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cell_key(cell: dict) -> tuple:
+    return tuple(cell.get(k) for k in CELL_KEY)
+
+
+def open_cells(out: str, fp: str, resume: bool, force: bool) -> dict:
+    """Finished cells from DIR/cells.jsonl (with --resume), after checking they belong to this study."""
+    path = os.path.join(out, CELLS)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise bad_input(f"--out {out} is a file; give a folder")
+    if os.path.exists(path) and not (resume or force):
+        raise bad_input(f"{out} already holds a study ({CELLS}); pass --resume to continue it or --force to start over")
+    if os.path.isdir(out) and not os.path.exists(path) and os.listdir(out) and not force:
+        raise bad_input(f"{out} exists and is not a study folder; pass --force to write into it, or choose another --out")
+    done = {}
+    if resume and os.path.exists(path):
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+        header = json.loads(lines[0]) if lines else {}
+        if header.get("study") != fp:
+            raise bad_input(f"{path} was made with another text or other evaluation options; "
+                            "use another --out, or --force to start over")
+        for line in lines[1:]:
+            try:
+                cell = json.loads(line)
+            except ValueError:  # a line cut short by a crash: that cell runs again
+                continue
+            done[cell_key(cell)] = cell
+    os.makedirs(out, exist_ok=True)
+    # (re)start the file with the header and the good cells only, so nothing is appended to a broken line
+    with AtomicOutput(path, folder=False, force=True) as o:
+        with open(o.tmp, "w") as fh:
+            fh.write(json.dumps({"study": fp}) + "\n")
+            fh.writelines(json.dumps(c) + "\n" for c in done.values())
+    return done
+
+
+def append_cell(out: str, cell: dict) -> None:
+    with open(os.path.join(out, CELLS), "a") as fh:
+        fh.write(json.dumps(cell) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class ModelEvaluator:
+    """One model of the study: its dense reference (computed once) and a copy that takes each cell's weights."""
+
+    def __init__(self, model: dict, study: dict, text: str):
+        from kbitcli.models.load import load_model
+
+        self.name, self.path = model["name"], model["path"]
+        self.kind = ev.model_kind(self.path)
+        self.reader = open_weights(self.path)
+        dense, tok = load_model(self.path, dtype="fp32")
+        if tok is None:
+            raise bad_input(f"{self.path}: no tokenizer files to read the study text with")
+        self.context, self.stride = ev.check_context(study["context"], study["stride"], ev.max_positions(self.path))
+        self.tokenizer = ev.describe_tokenizer(tok, self.path)
+        if self.kind == "causal":
+            windows, self.tokenization = ev.causal_windows(tok, text, self.context, self.stride, study["split_on"],
+                                                           study["max_tokens"])
+            self.ref = ev.CausalReference(dense, windows)
+            self.tokens = self.ref.tokens
+        else:
+            self.lines, self.tok = ev.encoder_lines(text, study["max_lines"]), tok
+            self.ref_emb, self.tokens = ev.embed(dense, tok, self.lines, self.context)
+            self.tokenization = {"mode": "lines", "lines": len(self.lines), "pooling": "mean"}
+        self.quant = copy.deepcopy(dense)  # the dense reference stays untouched while cells run
+        self.dense_bits = sum(self._dense_bits(n, dt, shape) for n, dt, shape in self.reader.names_infos)
+
+    @staticmethod
+    def _dense_bits(name, dtype, shape) -> int:
+        import math
+
+        return math.prod(shape) * dtype.itemsize * 8
+
+    def metric(self, model) -> dict:
+        if self.kind == "causal":
+            r = self.ref.compare(model)
+            return {"metric_name": "nll", "metric": r["nll"], **r}
+        emb, _ = ev.embed(model, self.tok, self.lines, self.context)
+        c = ev.cosine_stats(self.ref_emb, emb)
+        return {"metric_name": "1-cosine", "metric": 1 - c["cosine_mean"], **c}
+
+    def baseline(self) -> dict:
+        base = {"model": self.name, "path": self.path, "kind": self.kind, "bits": None, "block_size": None, "dtype": "dense",
+                "double_quant": None, "scale_search": None, "total_bits": self.dense_bits, "params": self.params(),
+                "bits_per_param_model": self.dense_bits / self.params(), "bits_per_param": None}
+        if self.kind == "causal":
+            b = self.ref.baseline()
+            return {**base, "metric_name": "nll", "metric": b["nll"], **b, "kl_divergence": 0.0, "top1_agreement": 1.0}
+        return {**base, "metric_name": "1-cosine", "metric": 0.0, "cosine_mean": 1.0, "cosine_min": 1.0}
+
+    def params(self) -> int:
+        import math
+
+        return sum(math.prod(s) for _, _, s in self.reader.names_infos)
+
+    def cell(self, recipe: Recipe) -> dict:
+        t0 = time.time()
+        plan = make_plan(self.reader.names_infos, recipe)
+        s = plan.summary()
+        with simulated_quantization(self.quant, self.reader, plan):
+            m = self.metric(self.quant)
+        return {"model": self.name, "path": self.path, "kind": self.kind, "bits": recipe.bits,
+                "block_size": recipe.block_size, "dtype": recipe.dtype, "double_quant": recipe.double_quant,
+                "scale_search": recipe.scale_search, "total_bits": s["bytes_out"] * 8, "params": s["params"], "bits_per_param_model": s["bytes_out"] * 8 / s["params"],
+                "bits_per_param": s["bits_per_param_quantized"], **m, "seconds": round(time.time() - t0, 3)}
+
+
+def frontier(cells: list[dict]) -> list[dict]:
+    """Cells no other cell beats with fewer or equal bits (lower metric is better), cheapest first."""
+    best, out = float("inf"), []
+    for c in sorted(cells, key=lambda c: (c["total_bits"], c["metric"])):
+        if c["metric"] < best:
+            out.append(c)
+            best = c["metric"]
+    return out
+
+
+def describe_cell(c: dict) -> str:
+    if c["dtype"] == "dense":
+        return "dense"
+    search = c.get("scale_search")
+    return (f"k={c['bits']} block={c['block_size']} {c['dtype']}" + ("+dq" if c["double_quant"] else "")
+            + (f" search={search}" if search not in (None, Recipe().scale_search) else ""))
+
+
+def verdict(cells: list[dict]) -> dict:
+    """Per model: the frontier as bit budgets -> best configuration."""
+    out = {}
+    for name in dict.fromkeys(c["model"] for c in cells):
+        front = frontier([c for c in cells if c["model"] == name])
+        rows = []
+        for i, c in enumerate(front):
+            upto = front[i + 1]["total_bits"] if i + 1 < len(front) else None
+            rows.append({"from_bits": c["total_bits"], "below_bits": upto, "config": describe_cell(c),
+                         "bits_per_param_model": c["bits_per_param_model"], "metric_name": c["metric_name"], "metric": c["metric"]})
+        ks = [c["bits"] for c in front if c["bits"] is not None]
+        out[name] = {"frontier": rows, "frontier_bits": sorted(set(ks)),
+                     "most_frequent_k": max(set(ks), key=ks.count) if ks else None}
+    return out
+
+
+def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = False, progress=None) -> dict:
+    from kbitcli.bench.plots import write_results
+
+    t0 = time.time()
+    study = load_study(study_path)
+    text = ev.read_text(study["text"])
+    fp = fingerprint(study)
+    done = open_cells(out, fp, resume, force)
+    todo_total = len(study["models"]) * (len(study["recipes"]) + 1)
+    cells, evaluated, meta = [], 0, {}
+    if progress is not None:
+        progress.start("scaling", 0, todo_total)
+    try:
+        for model in study["models"]:
+            keys = [(model["name"], None, None, "dense", None, None)] + [
+                (model["name"], r.bits, r.block_size, r.dtype, r.double_quant, r.scale_search) for r in study["recipes"]]
+            if all(k in done for k in keys):
+                cells += [done[k] for k in keys]
+                if progress is not None:
+                    for k in keys:
+                        progress.advance(f"{model['name']} (reused)", 0)
+                continue
+            evaluator = ModelEvaluator(model, study, text)
+            meta[model["name"]] = {"kind": evaluator.kind, "context": evaluator.context, "tokens": evaluator.tokens,
+                                   "tokenizer": evaluator.tokenizer, "tokenization": evaluator.tokenization}
+            for key, recipe in zip(keys, [None] + study["recipes"]):
+                if key in done:
+                    cell = done[key]
+                else:
+                    cell = evaluator.baseline() if recipe is None else evaluator.cell(recipe)
+                    cell.update(meta[model["name"]])
+                    append_cell(out, cell)
+                    evaluated += 1
+                cells.append(cell)
+                if progress is not None:
+                    progress.advance(f"{model['name']} {describe_cell(cell)}", 0)
+    except KeyboardInterrupt:
+        raise KbitError(f"interrupted after {evaluated} new cell(s); finished cells are kept in "
+                        f"{os.path.join(out, CELLS)}: rerun with --resume to continue", exit_code=1) from None
+    finally:
+        if progress is not None:
+            progress.stop()
+    result = {"study": study["name"], "file": study_path, "text": study["text"], "out": out,
+              "evaluation": "simulated quantization (dense fp32 model with dequantized weights)",
+              "cells": len(cells), "evaluated": evaluated, "reused": len(cells) - evaluated,
+              "models": [{"name": m["name"], "path": m["path"]} for m in study["models"]],
+              "verdict": verdict(cells)}
+    result["files"] = write_results(out, study, cells, result)
+    result["seconds"] = round(time.time() - t0, 3)
+    return result

@@ -1,0 +1,77 @@
+"""kbit bench ppl MODEL --text FILE: dense vs k-bit perplexity, KL and top-1 agreement (encoders: cosine)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from kbitcli.commands.bench import bench_app
+from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
+                                     RecipeOpt, ScaleDtypeOpt, TargetsOpt, recipe_from_options)
+from kbitcli.commands.common import JsonOpt, QuietOpt, run
+
+
+def step_progress(quiet: bool, con):
+    import os
+
+    from kbitcli.progress import NullProgress, StepProgress
+
+    return NullProgress() if quiet or not con.is_terminal and os.environ.get("KBIT_PROGRESS") != "1" else StepProgress(con)
+
+
+def show(r: dict, con) -> None:
+    q, b = r["quantized"], r["baseline"]
+    t = Table(title=f"{r['model']} on {r['text']}", title_justify="left")
+    t.add_column("model")
+    t.add_column("bits/param", justify="right")
+    if r["kind"] == "causal":
+        for col in ("nll (nats/token)", "ppl", "KL vs dense", "top-1 agreement"):
+            t.add_column(col, justify="right")
+        t.add_row(f"dense ({b['source']})", "-", f"{b['nll']:.4f}", f"{b['ppl']:.3f}", "-", "-")
+        t.add_row(r["evaluation"] + ("" if r["evaluation"] == "kbit" else " (dense with dequantized weights)"),
+                  _bits(q), f"{q['nll']:.4f}", f"{q['ppl']:.3f}", f"{q['kl_divergence']:.5f}", f"{q['top1_agreement']:.2%}")
+    else:
+        t.add_column("cosine mean", justify="right")
+        t.add_column("cosine min", justify="right")
+        t.add_row(r["evaluation"], _bits(q), f"{q['cosine_mean']:.5f}", f"{q['cosine_min']:.5f}")
+    con.print(t)
+    how = r["tokenization"]
+    unit = f"{r['lines']} lines, mean-pooled" if r["kind"] == "encoder" else (
+        f"{how['documents']} {how['mode'] if how['mode'] == 'stream' else 'documents split on ' + repr(how['separator'])}, "
+        f"stride {r['stride']}")
+    con.print(f"context {r['context']}, {r['tokens']:,} tokens ({unit}); tokenizer: {r['tokenizer']}")
+    if b.get("note"):
+        con.print(f"[yellow]note[/yellow]: {b['note']}")
+
+
+def _bits(q: dict) -> str:
+    return "-" if q.get("bits_per_param") is None else f"{q['bits_per_param']:.3f} ({q['bits_per_param_model']:.2f} model)"
+
+
+@bench_app.command("ppl")
+def bench_ppl_cmd(
+    model: str = typer.Argument(..., help="Dense Hugging Face model folder (encoded with the options below), or a kbit checkpoint folder."),
+    text: str = typer.Option(..., "--text", help="UTF-8 text file to evaluate on."),
+    context: Optional[int] = typer.Option(None, "--context", help="Tokens per window (default: 512, or the model's limit if smaller)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Start a window every N tokens (default: --context, no overlap); each token is scored once."),
+    split_on: str = typer.Option("auto", "--split-on", help="'auto' (documents on <|endoftext|> if present), 'none' (one stream) or a separator string."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most N tokens (causal LMs)."),
+    max_lines: Optional[int] = typer.Option(None, "--max-lines", help="Embed at most N lines (encoders)."),
+    simulate: bool = typer.Option(False, "--simulate", help="Run the dense model with dequantized weights instead of k-bit layers (same numbers, faster to set up)."),
+    recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
+    dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
+    scale_dtype: Optional[str] = ScaleDtypeOpt, targets: Optional[List[str]] = TargetsOpt,
+    ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Perplexity, KL divergence and top-1 agreement of a k-bit model against its dense original."""
+    from kbitcli.bench.ppl import bench_ppl
+
+    def work(con):
+        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override)
+        return bench_ppl(model, text, r, context=context, stride=stride, split_on=split_on, max_tokens=max_tokens,
+                         max_lines=max_lines, simulate=simulate, progress=step_progress(quiet, con))
+
+    run(work, as_json=as_json, quiet=quiet, show=show)

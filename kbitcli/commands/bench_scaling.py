@@ -1,0 +1,42 @@
+"""kbit bench scaling --recipe study.yaml: the bit-level scaling study (metric vs total model bits, frontier)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from kbitcli.commands.bench import bench_app
+from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, run
+
+
+def show(r: dict, con) -> None:
+    for model, v in r["verdict"].items():
+        t = Table(title=f"{model}: best configuration for each bit budget (Pareto frontier)", title_justify="left")
+        for col in ("total bits from", "bits/param (model)", "best", v["frontier"][0]["metric_name"]):
+            t.add_column(col, justify="left" if col == "best" else "right")
+        for f in v["frontier"]:
+            t.add_row(f"{f['from_bits']:,}", f"{f['bits_per_param_model']:.3f}", f["config"], f"{f['metric']:.5g}")
+        con.print(t)
+    con.print(f"{r['cells']} cells ({r['evaluated']} evaluated, {r['reused']} reused) in {r['seconds']} s; "
+              f"{r['evaluation']}")
+    con.print(f"wrote to {r['out']}: " + ", ".join(r["files"]))
+
+
+@bench_app.command("scaling")
+def bench_scaling_cmd(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Study YAML: models, text, grid (see recipes/study-tiny.yaml)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for cells.jsonl, results.csv/json, report.md, plots/ (default: scaling-<study name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the finished cells in --out (same text and options)."),
+    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Metric vs total model bits over a grid of k x block size x data type, for several models; plots and verdict."""
+    from kbitcli.bench.scaling import load_study, run_study
+    from kbitcli.commands.bench_ppl import step_progress
+
+    def work(con):
+        dst = out or f"scaling-{load_study(recipe)['name']}"
+        return run_study(recipe, dst, resume=resume, force=force, progress=step_progress(quiet, con))
+
+    run(work, as_json=as_json, quiet=quiet, show=show)

@@ -1,0 +1,96 @@
+"""kbit bench speed MODEL: encode/decode MB/s, and k-bit vs dense forward latency and memory in one run."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from kbitcli.commands.bench import bench_app
+from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, run
+from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
+                                      RecipeOpt, ScaleDtypeOpt, TargetsOpt, recipe_from_options)
+
+
+def step_progress(quiet: bool, con):
+    from kbitcli.progress import NullProgress, StepProgress
+
+    shown = not quiet and (con.is_terminal or os.environ.get("KBIT_PROGRESS") == "1")
+    return StepProgress(con) if shown else NullProgress()
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.3f}x"
+
+
+def show(r: dict, con) -> None:
+    q = r.get("quantization") or {}
+    t = Table(title=f"{r['model']}: k={q.get('bits', '?')} {q.get('dtype', '')} B={q.get('block_size', '?')}, "
+                    f"batch {r['batch']} x seq {r['seq']}, {r['dtype']}, {r['threads']} thread(s)", title_justify="left")
+    for col in ("measure", "dense", "k-bit", "k-bit / dense"):
+        t.add_column(col, justify="left" if col == "measure" else "right")
+    f, m = r["forward"], r["memory"]
+    t.add_row("forward latency (median)", f"{f['dense_ms']:.2f} ms", f"{f['kbit_ms']:.2f} ms", _ratio(f["ratio"]))
+    t.add_row("weights resident (all tensors)", human_bytes(m["dense_weight_bytes"]), human_bytes(m["kbit_weight_bytes"]),
+              _ratio(m["ratio"]))
+    qm = m["quantized_modules"]
+    t.add_row(f"quantized modules ({qm['modules']})", human_bytes(qm["dense_bytes"]), human_bytes(qm["kbit_bytes"]),
+              _ratio(qm["ratio"]))
+    t.add_row("  same, vs bf16", human_bytes(qm["bf16_bytes"]), human_bytes(qm["kbit_bytes"]), _ratio(qm["ratio_vs_bf16"]))
+    if "rss" in r:
+        t.add_row("process RSS growth (load + 1 forward)", human_bytes(r["rss"]["dense_delta"]), human_bytes(r["rss"]["kbit_delta"]),
+                  _ratio(r["rss"]["ratio"]))
+    con.print(t)
+    e, d = r.get("encode"), r["decode"]
+    con.print(("encode " + (f"{e['mb_per_s']:.1f} MB/s ({human_bytes(e['bytes_in'])} dense in {e['seconds']:.2f} s); " if e else "-; "))
+              + f"decode {d['mb_per_s']:.1f} MB/s ({human_bytes(d['bytes_out'])} dense out in {d['seconds']:.2f} s); "
+              f"stored {qm['stored_bits_per_param']:.3f} bits/param in the quantized modules")
+    if r.get("out"):
+        con.print(f"wrote {r['out']}/speed.json")
+
+
+def write_out(r: dict, out: str, force: bool) -> None:
+    from kbitcli.formats.output import AtomicOutput
+
+    with AtomicOutput(out, folder=True, force=force) as o:
+        with open(os.path.join(o.tmp, "speed.json"), "w") as fh:
+            json.dump(r, fh, indent=2)
+
+
+@bench_app.command("speed")
+def bench_speed_cmd(
+    model: str = typer.Argument(..., help="Dense Hugging Face model folder (encoded with the options below), or a kbit checkpoint folder."),
+    batch: int = typer.Option(1, "--batch", help="Sequences per forward."),
+    seq: int = typer.Option(128, "--seq", help="Tokens per sequence."),
+    runs: int = typer.Option(10, "--runs", help="Timed forwards per model (the median is reported)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed forwards per model first."),
+    compute_dtype: str = typer.Option("fp32", "--compute-dtype", help="fp32 | bf16 | fp16 | auto (as stored)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    rss: bool = typer.Option(True, "--rss/--no-rss", help="Also measure RSS growth of loading each model in a fresh process."),
+    recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
+    dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
+    scale_dtype: Optional[str] = ScaleDtypeOpt, targets: Optional[List[str]] = TargetsOpt,
+    ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
+    out: Optional[str] = typer.Option(None, "--out", help="Folder to write speed.json into."),
+    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Encode/decode throughput and k-bit vs dense forward latency and memory, measured side by side."""
+    from kbitcli.bench.speed import bench_speed
+
+    def work(con):
+        if out is not None:
+            from kbitcli.formats.output import check_destination
+
+            check_destination(out, force)
+        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override)
+        result = bench_speed(model, r, batch=batch, seq=seq, runs=runs, warmup=warmup, dtype=compute_dtype,
+                             threads=threads, rss=rss, progress=step_progress(quiet, con))
+        if out is not None:
+            result["out"] = out
+            write_out(result, out, force)
+        return result
+
+    run(work, as_json=as_json, quiet=quiet, show=show)

@@ -1,0 +1,76 @@
+"""kbit finetune KBIT_MODEL OUT --data FILE: LoRA on a frozen k-bit model (flags override the recipe)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from kbitcli.commands.app import app
+from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, progress_for, run
+from kbitcli.finetune import finetune, load_config, with_flags
+from kbitcli.progress import NullProgress
+
+
+def show(r: dict, con) -> None:
+    def f(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    con.print(f"trained {r['steps'] - r['start_step']} steps ({r['tokens_trained']:,} tokens, "
+              f"{r['tokens_per_s'] or 0:,.0f} tok/s) of a rank-{r['rank']} adapter on {r['targets']} layers "
+              f"({r['trainable_params']:,} params); train loss {f(r['train_loss_first'])} -> {f(r['train_loss_last'])}")
+    if r["eval_loss_before"] is not None:
+        con.print(f"eval loss {f(r['eval_loss_before'])} -> {f(r['eval_loss_after'])} nats/token on {r['eval_tokens']:,} tokens")
+    for mode, m in r["merged"].items():
+        con.print(f"merged ({mode}) -> {m['path']}" + (f", eval loss {f(m['eval_loss'])}" if "eval_loss" in m else ""))
+    con.print(f"adapter (PEFT format), train_log.jsonl, loss.png -> {r['out']}; peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    model: str = typer.Argument(..., help="k-bit checkpoint folder (from `kbit encode`)."),
+    out: str = typer.Argument(..., help="Run folder: adapter (PEFT format), log, loss curve, checkpoints, merges."),
+    data: str = typer.Option(..., "--data", help="Training text: plain .txt, or .jsonl with a 'text' field."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text: eval loss before, during, after."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML finetune recipe (recipes/finetune-lora.yaml)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scaling alpha/r)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW, constant after warmup)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Blocks per step."),
+    context: Optional[int] = typer.Option(None, "--context", help="Tokens per block."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Modules to adapt: glob or 're:' regex (repeatable); default: every k-bit linear."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout on the adapter input."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for A's init, data order and dropout."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help="Warmup: fraction of steps (< 1) or steps (>= 1)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max global grad norm (0: off)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between evals (0: before/after only)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between resume checkpoints."),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scaling alpha/sqrt(r) instead of alpha/r."),
+    merge: Optional[str] = typer.Option(None, "--merge", help="Also write OUT/merged-kbit (re-encoded with the base's plan) or OUT/merged-dense."),
+    merge_dtype: Optional[str] = typer.Option(None, "--merge-dtype", help="dtype of --merge dense: fp32 | bf16 | fp16 (default: original)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype of the non-adapter parts: fp32 | bf16."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT's run from its last checkpoint."),
+    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+):
+    """Train a LoRA adapter on the frozen k-bit model, then optionally merge it (k-bit or dense)."""
+
+    def work(con):
+        cfg = with_flags(load_config(recipe), rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size,
+                         context=context, targets=targets, dropout=dropout, seed=seed, warmup=warmup,
+                         grad_clip=grad_clip, weight_decay=weight_decay, eval_every=eval_every,
+                         save_every=save_every, rslora=rslora)
+        bar = progress_for(quiet, con)
+        if isinstance(bar, NullProgress):
+            from kbitcli.finetune.progress import NullTrainProgress
+
+            bar = NullTrainProgress()
+        else:
+            from kbitcli.finetune.progress import RichTrainProgress
+
+            bar = RichTrainProgress(con)
+        return finetune(model, out, data, cfg, eval_data=eval_data, merge=merge, merge_dtype=merge_dtype,
+                        resume=resume, force=force, dtype=dtype, progress=bar)
+
+    run(work, as_json=as_json, quiet=quiet, show=show)

@@ -1,0 +1,171 @@
+"""Fold a LoRA adapter into its k-bit base: W' = dequantize(W) + scaling * B @ A, for every adapted weight.
+
+- dense: W' is written in the asked dtype (or each tensor's original one) as a standard safetensors
+  checkpoint, streamed tensor by tensor, like `kbit decode`.
+- kbit: the merged dense checkpoint is written to a temporary folder and re-encoded with the base's own
+  plan: every tensor the base stored in k bits is quantized again with its own bits, block size, data type,
+  double quant and scale dtype (a recipe of exact per-tensor overrides rebuilt from the base's manifest, or
+  from its file metadata when there is no manifest); everything the base kept dense stays dense.
+
+Both record the lineage in kbit_manifest.json: the base (path, sha256 of its files), the adapter (path,
+sha256), the training steps, and the base's own lineage before it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+from kbitcli import __version__
+from kbitcli.decode import out_dtype
+from kbitcli.errors import bad_input
+from kbitcli.formats.kbit_format import MANIFEST, KbitCheckpoint, shard_names
+from kbitcli.formats.output import AtomicOutput, file_record, sha256_file
+from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
+from kbitcli.plan import assign_shards, parse_size
+from kbitcli.finetune.peft_io import WEIGHTS, read_adapter, scaling_of
+from kbitcli.recipes import Override, Recipe
+
+
+class _Entry:
+    def __init__(self, name, dtype, shape):
+        self.name, self.dtype, self.shape = name, dtype, shape
+
+    def out_bytes(self):
+        return nbytes(self.dtype, self.shape)
+
+
+def weight_deltas(adapter_dir: str) -> dict[str, torch.Tensor]:
+    """{tensor name: fp32 delta in the tensor's stored orientation} of a PEFT LoRA folder."""
+    config, pairs = read_adapter(adapter_dir)
+    s = scaling_of(config)
+    out = {}
+    for module, (a, b) in pairs.items():
+        d = (b.float() @ a.float()) * s
+        out[f"{module}.weight"] = d.t().contiguous() if config.get("fan_in_fan_out") else d
+    return out
+
+
+def base_record(ck: KbitCheckpoint) -> dict:
+    if ck.manifest and ck.manifest.get("outputs"):
+        files = [{"name": r["name"], "sha256": r["sha256"]} for r in ck.manifest["outputs"]]
+    else:
+        files = [{"name": os.path.basename(f), "sha256": sha256_file(f)} for f in ck.files]
+    rec = {"path": os.path.abspath(ck.path), "files": files}
+    if ck.manifest and ck.manifest.get("source"):
+        rec["encoded_from"] = ck.manifest["source"].get("path")
+    return rec
+
+
+def lineage_for(ck: KbitCheckpoint, adapter_dir: str, mode: str, training: dict) -> list:
+    entry = {"op": "kbit finetune", "merge": mode, "base": base_record(ck),
+             "adapter": {"path": os.path.abspath(adapter_dir), "sha256": sha256_file(os.path.join(adapter_dir, WEIGHTS))},
+             **training}
+    return list((ck.manifest or {}).get("lineage") or []) + [entry]
+
+
+def write_dense(ck: KbitCheckpoint, deltas: dict, dst: str, dtype: str | None, lineage: list, force: bool = True,
+                max_shard_size: str = "5GB") -> dict:
+    missing = sorted(set(deltas) - set(ck.names))
+    if missing:
+        raise bad_input(f"adapter weight {missing[0]!r} is not in the base {ck.path}; was it trained on another model?")
+    want = out_dtype(dtype)
+    entries = []
+    for n in ck.names:
+        od = ck.orig_dtype(n)
+        entries.append(_Entry(n, want if (want is not None and od.is_floating_point) else od, ck.shape(n)))
+    shards = assign_shards(entries, parse_size(max_shard_size))
+    names = shard_names(len(shards))
+    with AtomicOutput(dst, folder=True, force=force) as out:
+        for shard, fname in zip(shards, names):
+            pf = PlannedFile(os.path.join(out.tmp, fname), [(e.name, e.dtype, e.shape) for e in shard], {"format": "pt"})
+            try:
+                for e in shard:
+                    t = ck.tensor(e.name, torch.float32 if e.name in deltas else e.dtype).reshape(e.shape)
+                    if e.name in deltas:
+                        t = t + deltas[e.name]
+                    pf.put(e.name, t.to(e.dtype))
+                pf.close()
+            finally:
+                pf.abort()
+        if len(names) > 1:
+            wm = {e.name: f for shard, f in zip(shards, names) for e in shard}
+            with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
+                json.dump({"metadata": {"total_size": sum(e.out_bytes() for e in entries)}, "weight_map": wm}, fh, indent=2)
+        for f in sorted(os.listdir(ck.path)):
+            full = os.path.join(ck.path, f)
+            if os.path.isfile(full) and not f.endswith(".safetensors") and f not in (MANIFEST, "config.json",
+                                                                                    "model.safetensors.index.json"):
+                shutil.copy2(full, os.path.join(out.tmp, f))
+        cfg = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
+        if want is not None:
+            cfg["torch_dtype"] = str(want).removeprefix("torch.")
+        with open(os.path.join(out.tmp, "config.json"), "w") as fh:
+            json.dump(cfg, fh, indent=2)
+        outputs = [file_record(os.path.join(out.tmp, f), out.tmp) for f in sorted(os.listdir(out.tmp))]
+        manifest = {"tool": "kbit", "version": __version__,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "kind": "dense (merged)", "dtype": dtype or "original", "outputs": outputs, "lineage": lineage}
+        with open(os.path.join(out.tmp, MANIFEST), "w") as fh:
+            json.dump(manifest, fh, indent=2)
+    return {"path": dst, "tensors": len(entries), "merged": len(deltas)}
+
+
+def base_recipe(ck: KbitCheckpoint) -> Recipe:
+    """The base's own plan as a recipe: exactly its quantized tensors, each with its own settings."""
+    plan = {t["name"]: t for t in (ck.manifest or {}).get("tensors", []) if t.get("quantized")}
+    overrides, targets = [], []
+    for n in ck.names:
+        if not ck.is_quantized(n):
+            continue
+        m = ck.meta[n]
+        p = plan.get(n, {})
+        settings = {"bits": m["bits"], "block_size": p.get("block_size", m["block_size"]), "dtype": m["dtype"],
+                    "double_quant": m["double_quant"], "scale_dtype": m["scale_dtype"]}
+        pattern = "re:" + re.escape(n)
+        targets.append(pattern)
+        overrides.append(Override(pattern, settings))
+    if not targets:
+        raise bad_input(f"{ck.path}: has no quantized tensors to re-encode")
+    return Recipe(targets=targets, overrides=overrides, source=f"plan of {ck.path}")
+
+
+def write_kbit(ck: KbitCheckpoint, deltas: dict, dst: str, lineage: list, force: bool = True, progress=None) -> dict:
+    from kbitcli.encode import encode
+
+    parent = os.path.dirname(os.path.abspath(dst))
+    tmp = tempfile.mkdtemp(prefix=".merge-dense-", dir=parent)
+    try:
+        dense = os.path.join(tmp, "dense")
+        write_dense(ck, deltas, dense, None, lineage, force=True)
+        result = encode(dense, dst, base_recipe(ck), force=force, lineage=lineage, progress=progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # the encoder recorded the temporary folder as its source; the truth is the base + adapter (lineage)
+    man_path = os.path.join(dst, MANIFEST)
+    with open(man_path) as fh:
+        manifest = json.load(fh)
+    manifest["source"] = {"path": None, "merged": "dequantized base + LoRA adapter; see lineage"}
+    from kbitcli.finetune.atomic import write_json
+
+    write_json(man_path, manifest)
+    return {"path": dst, "tensors": result["tensors"], "quantized_tensors": result["quantized_tensors"],
+            "bits_per_param_quantized": result["bits_per_param_quantized"], "merged": len(deltas)}
+
+
+def merge(base_path: str, adapter_dir: str, dst: str, mode: str, *, dtype: str | None = None, training: dict | None = None,
+          force: bool = True, progress=None) -> dict:
+    if mode not in ("kbit", "dense"):
+        raise bad_input(f"--merge {mode!r}: choose kbit or dense")
+    ck = KbitCheckpoint(base_path)
+    deltas = weight_deltas(adapter_dir)
+    lineage = lineage_for(ck, adapter_dir, mode, training or {})
+    if mode == "dense":
+        return write_dense(ck, deltas, dst, dtype, lineage, force=force)
+    return write_kbit(ck, deltas, dst, lineage, force=force, progress=progress)

@@ -1,0 +1,334 @@
+"""`--format compressed-tensors`: the `pack-quantized` integer layout vLLM and transformers load.
+
+For a quantized linear layer P (compressed-tensors 0.20, `PackedQuantizationCompressor`):
+    P.weight_packed      i32 [rows, ceil(cols * k / 32)]  unsigned codes q + 2^(k-1), densely packed per row:
+                         element i of a row occupies bits [i*k, i*k + k) of the row's little-endian int32 words
+    P.weight_scale       [rows, cols / G] (group), [rows, 1] (channel), [1] (tensor)
+    P.weight_zero_point  packed like the codes along dim 0 (asymmetric schemes only; kbit writes none)
+    P.weight_shape       i64 [2]
+with config.json `quantization_config` {quant_method: compressed-tensors, format: pack-quantized,
+config_groups: {name: {targets, weights: {num_bits, type: int, symmetric, strategy, group_size}}}, ignore}.
+The weight is `(q - zero_point) * scale`, groups running along each row (the input dimension).
+
+kbit's `int` type is the symmetric grid q/m, m = 2^(k-1) - 1, times absmax; so its codes are exactly a
+symmetric compressed-tensors scheme with scale = absmax / m (kept in fp32 so nothing is rounded twice).
+Groups must divide the row (compressed-tensors refuses anything else), so kbit's block B maps to strategy
+`group` when B divides every row, `row` to `channel` and `tensor` to `tensor`. compressed-tensors 0.20 packs
+1..8 bits; vLLM's kernels run 4 and 8 (docs/INTEROP.md).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from kbitcli.core.blockwise import Spec, quantize
+from kbitcli.core.pack import unpack
+from kbitcli.errors import bad_input
+from kbitcli.formats.export_common import (Item, linear_modules, manifest, module_glob, module_of, refuse,
+                                           require_folder, result_dict, who, fix, write_hf_folder)
+from kbitcli.formats.foreign import DTYPE_NAMES, Files
+
+DEFAULTS = {"bits": 4, "block_size": 64, "dtype": "int"}
+MIN_BITS, MAX_BITS = 1, 8  # PackedQuantizationCompressor.can_compress in compressed-tensors 0.20
+
+
+def divisors_near(cols: int, block: int) -> list[int]:
+    """Powers of two 16..4096 that divide cols, nearest to block first."""
+    ok = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if cols % b == 0]
+    return sorted(ok, key=lambda b: abs(math.log2(b) - math.log2(block)))
+
+
+def check(plan, recipe, linears: set[str]) -> None:
+    problems = []
+    for t in plan.quantized:
+        s, n = t.spec, t.name
+        if module_of(n, linears) is None or len(t.shape) != 2:
+            problems.append((f"compressed-tensors packs nn.Linear weights only and {module_glob(n)!r} is not one",
+                             f"--override '{module_glob(n)}=skip'"))
+            continue
+        if s.dtype != "int":
+            problems.append((f"pack-quantized stores integer codes and {who(t, recipe, 'dtype')} for dtype "
+                             f"{s.dtype}", fix(t, recipe, "dtype", "int", "--dtype int")))
+        if s.double_quant:
+            problems.append((f"compressed-tensors stores one float scale per group and {who(t, recipe, 'double_quant')} "
+                             "for double-quantized (8-bit) scales", fix(t, recipe, "double_quant", "false", "--no-double-quant")))
+        cols = t.shape[1]
+        if t.block_label not in ("row", "tensor") and cols % s.block_size:
+            near = divisors_near(cols, s.block_size)
+            to = near[0] if near else "row"
+            problems.append((f"compressed-tensors groups must divide the row and {module_glob(n)!r} has rows of {cols} values, "
+                             f"which block {s.block_size} does not divide", f"--override '{module_glob(n)}=block_size:{to}'"))
+    if not plan.quantized:
+        problems.append(("no tensor is quantized", "--targets ..."))
+    refuse("compressed-tensors", problems)
+
+
+def scheme_key(t) -> tuple:
+    strat, g = ("channel", None) if t.block_label == "row" else ("tensor", None) if t.block_label == "tensor" \
+        else ("group", t.spec.block_size)
+    return t.spec.bits, strat, g
+
+
+def entries(t) -> list:
+    k, (rows, cols) = t.spec.bits, t.shape
+    _, strat, g = scheme_key(t)
+    scale_shape = {"group": (rows, cols // (g or 1)), "channel": (rows, 1), "tensor": (1,)}[strat]
+    m = t.name[: -len(".weight")]
+    return [(f"{m}.weight_packed", torch.int32, (rows, math.ceil(cols * k / 32))),
+            (f"{m}.weight_scale", torch.float32, scale_shape),
+            (f"{m}.weight_shape", torch.int64, (2,))]
+
+
+# ---- packing (LSB-first within little-endian int32 words) ---------------------------------------------------
+
+def pack_rows(q: torch.Tensor, k: int) -> torch.Tensor:
+    """Unsigned k-bit values [rows, cols] -> int32 [rows, ceil(cols*k/32)], compressed-tensors' dense packing."""
+    rows, cols = q.shape
+    groups = math.ceil(cols / 8)  # 8 values fill exactly k bytes
+    padded = torch.zeros(rows, groups * 8, dtype=torch.int64)
+    padded[:, :cols] = q.to(torch.int64)
+    shifts = torch.arange(8, dtype=torch.int64) * k  # first value in the least significant bits
+    word = (padded.view(rows, groups, 8) << shifts).sum(dim=-1)
+    nbytes = (word.unsqueeze(-1) >> (torch.arange(k, dtype=torch.int64) * 8)) & 0xFF  # little-endian bytes
+    stream = nbytes.to(torch.uint8).reshape(rows, groups * k)
+    words = math.ceil(cols * k / 32)
+    out = torch.zeros(rows, words * 4, dtype=torch.uint8)
+    n = min(words * 4, groups * k)
+    out[:, :n] = stream[:, :n]
+    return _le_int32(out)
+
+
+def unpack_rows(packed: torch.Tensor, k: int, cols: int) -> torch.Tensor:
+    """int32 [rows, words] -> unsigned values int64 [rows, cols] (inverse of pack_rows)."""
+    rows = packed.shape[0]
+    stream = _le_bytes(packed.contiguous())
+    groups = math.ceil(cols / 8)
+    need = groups * k
+    if stream.shape[1] < need:
+        stream = torch.cat([stream, torch.zeros(rows, need - stream.shape[1], dtype=torch.uint8)], dim=1)
+    b = stream[:, :need].to(torch.int64).view(rows, groups, k)
+    word = (b << (torch.arange(k, dtype=torch.int64) * 8)).sum(dim=-1)
+    values = (word.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * k)) & ((1 << k) - 1)
+    return values.reshape(rows, groups * 8)[:, :cols]
+
+
+def _le_int32(b: torch.Tensor) -> torch.Tensor:
+    if sys.byteorder != "little":
+        b = b.view(b.shape[0], -1, 4).flip(-1).reshape(b.shape[0], -1)
+    return b.contiguous().view(torch.int32)
+
+
+def _le_bytes(w: torch.Tensor) -> torch.Tensor:
+    b = w.view(torch.uint8)
+    if sys.byteorder != "little":
+        b = b.view(b.shape[0], -1, 4).flip(-1).reshape(b.shape[0], -1)
+    return b
+
+
+# ---- export -------------------------------------------------------------------------------------------
+
+def produce(item: Item, src) -> dict:
+    t = item.plan
+    w = src.get(t.name)
+    if not t.quantized:
+        return {t.name: w}
+    k = t.spec.bits
+    qt = quantize(w, t.spec, t.name)  # kbit's own int codes: index c into [-m..m]/m
+    mx = 2 ** (k - 1) - 1
+    rows, cols = t.shape
+    codes = unpack(qt.codes, k, rows * cols).view(rows, cols)
+    stored = codes + 1  # q = c - m; stored unsigned q + 2^(k-1) = c + 1
+    scale = qt.effective_scales() / mx
+    scale = scale.reshape(entries(t)[1][2])
+    m = t.name[: -len(".weight")]
+    return {f"{m}.weight_packed": pack_rows(stored, k), f"{m}.weight_scale": scale.float().contiguous(),
+            f"{m}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+
+
+def quantization_config(plan, linears: set[str]) -> dict:
+    groups: dict[tuple, list[str]] = {}
+    for t in plan.quantized:
+        groups.setdefault(scheme_key(t), []).append(module_of(t.name, linears))
+    quantized = {m for ms in groups.values() for m in ms}
+    ignore = sorted(m for m in linears if m not in quantized)
+    config_groups = {}
+    for i, ((bits, strat, g), modules) in enumerate(groups.items()):
+        weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strat, "group_size": g,
+                   "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax"}
+        # one scheme: target the Linear class (what llm-compressor writes); several: name the modules
+        config_groups[f"group_{i}"] = {"targets": ["Linear"] if len(groups) == 1 else sorted(modules),
+                                       "weights": weights, "input_activations": None, "output_activations": None,
+                                       "format": "pack-quantized"}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
+            "global_compression_ratio": None}
+
+
+def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, force: bool, dry_run: bool, progress,
+           max_shard_bytes) -> dict:
+    require_folder(src, "compressed-tensors")
+    linears = linear_modules(src.config)
+    check(plan, recipe, linears)
+    items = []
+    for t in plan.tensors:
+        if t.quantized:
+            bits, strat, g = scheme_key(t)
+            items.append(Item(t, entries(t), f"int{bits} " + (f"g{g}" if g else strat)))
+        else:
+            items.append(Item(t, [(t.name, t.dtype, t.shape)], str(t.dtype).removeprefix("torch.")))
+    qc = quantization_config(plan, linears)
+    notes = []
+    if any(t.spec.bits not in (4, 8) for t in plan.quantized):
+        notes.append("vLLM's compressed-tensors kernels run 4- and 8-bit pack-quantized weights; other widths load "
+                     "in transformers / compressed-tensors (which decompress them) but not in vLLM")
+    result = result_dict("compressed-tensors", src_path, dst, dry_run, plan, items, recipe_info, notes=notes)
+    result["quantization_config"] = qc
+    if dry_run:
+        return result
+    config = {**src.config, "quantization_config": qc}
+    result["files"] = write_hf_folder(src, dst, items, lambda i: produce(i, src), config, force=force,
+                                      max_shard_bytes=max_shard_bytes, progress=progress,
+                                      meta=manifest("compressed-tensors", src, recipe_info, result))
+    return result
+
+
+# ---- reading (kbit decode / inspect / bench of a compressed-tensors checkpoint) -------------------------
+
+READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized", "float-quantized", "dense")
+PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale", "weight_g_idx",
+         "input_scale", "input_zero_point", "output_scale", "output_zero_point")
+
+
+class CtCheckpoint:
+    """A compressed-tensors checkpoint (pack-quantized int, naive/int-quantized int8, float-quantized fp8, with
+    tensor / channel / group / block strategies, symmetric or not), dequantized by kbit's own code."""
+
+    format = "compressed-tensors"
+
+    def __init__(self, path: str):
+        self.f = Files(path)
+        self.path, self.is_folder, self.config, self.files = path, self.f.is_folder, self.f.config, self.f.files
+        qc = self.config["quantization_config"]
+        self.global_format = qc.get("format") or "dense"
+        self.groups = list((qc.get("config_groups") or {}).values())
+        self.ignore = qc.get("ignore") or []
+        modules = {k.rsplit(".", 1)[0] for k in self.f.keys if k.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale")}
+        self.schemes = {}  # "<module>.weight" -> (weights args, format)
+        for m in sorted(modules):
+            group = self._group(m)
+            if group is None or not group.get("weights"):
+                raise bad_input(f"{path}: {m} has quantized weights but no config_group of config.json targets it")
+            fmt = group.get("format") or self.global_format
+            if fmt not in READ_FORMATS:
+                raise bad_input(f"{path}: compressed-tensors format {fmt!r} ({m}) is not read by kbit; it reads "
+                                f"{', '.join(READ_FORMATS)}")
+            self.schemes[f"{m}.weight"] = (group["weights"], fmt)
+        dropped = {f"{m.rsplit('.', 1)[0]}.{p}" for m in self.schemes for p in PARTS}
+        self.names = []
+        for k in self.f.keys:
+            if k.endswith(".weight_packed"):
+                self.names.append(k[: -len("_packed")])
+            elif k not in dropped:
+                self.names.append(k)
+        cfg = self.config or {}
+        self.model_dtype = DTYPE_NAMES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+
+    def _group(self, module: str):
+        import re
+
+        def hit(target: str) -> bool:
+            if target.startswith("re:"):
+                return re.match(target[3:], module) is not None
+            # a class name (Linear, ...) targets every module of that class: here, every module holding weights
+            return target == module or (target[:1].isupper() and "." not in target)
+
+        for g in self.groups:
+            if any(hit(t) for t in g.get("targets", [])):
+                return g
+        return None
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self.schemes
+
+    def _m(self, name: str) -> str:
+        return name[: -len(".weight")]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.schemes:
+            m = self._m(name)
+            if f"{m}.weight_shape" in self.f:
+                return tuple(int(v) for v in self.f.get(f"{m}.weight_shape").tolist())
+            return self.f.shape(name)
+        return self.f.shape(name)
+
+    def orig_dtype(self, name: str) -> torch.dtype:
+        if name in self.schemes:
+            return self.model_dtype or self.f.dtype(f"{self._m(name)}.weight_scale")
+        return self.f.dtype(name)
+
+    def dense(self, name: str) -> torch.Tensor:
+        return self.f.get(name)
+
+    def codes(self, name: str) -> torch.Tensor:
+        """The integer (or fp8) values q as stored, [rows, cols], before (q - zero_point) * scale."""
+        args, fmt = self.schemes[name]
+        m = self._m(name)
+        if fmt == "pack-quantized":
+            rows, cols = self.shape(name)
+            k = int(args["num_bits"])
+            return unpack_rows(self.f.get(f"{m}.weight_packed"), k, cols) - 2 ** (k - 1)
+        return self.f.get(name)
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.schemes:
+            t = self.f.get(name)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        args, fmt = self.schemes[name]
+        m = self._m(name)
+        q = self.codes(name).float()
+        rows, cols = q.shape
+        scale = self.f.get(f"{m}.weight_scale").float()
+        zp = None
+        if f"{m}.weight_zero_point" in self.f and not args.get("symmetric", True):
+            zp = self.f.get(f"{m}.weight_zero_point")
+            if fmt == "pack-quantized" and zp.dtype == torch.int32:
+                k = int(args["num_bits"])
+                groups = scale.shape[-1] if scale.dim() > 1 else 1
+                zp = unpack_rows(zp.t().contiguous(), k, rows).t() - 2 ** (k - 1)
+                zp = zp.reshape(rows, groups)
+            zp = zp.float()
+        if f"{m}.weight_global_scale" in self.f:
+            scale = scale / self.f.get(f"{m}.weight_global_scale").float()
+        strategy = args.get("strategy")
+        if strategy == "group" or strategy == "tensor_group":
+            g = int(args["group_size"])
+            scale = scale.reshape(rows, -1).repeat_interleave(g, dim=1)[:, :cols]
+            zp = None if zp is None else zp.reshape(rows, -1).repeat_interleave(g, dim=1)[:, :cols]
+        elif strategy == "block":
+            bh, bw = args["block_structure"]
+            scale = scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+            zp = None if zp is None else zp.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+        elif strategy == "channel":
+            scale = scale.reshape(rows, 1)
+            zp = None if zp is None else zp.reshape(rows, 1)
+        else:  # tensor
+            scale = scale.reshape(1, 1)
+            zp = None if zp is None else zp.reshape(1, 1)
+        w = (q - zp) * scale if zp is not None else q * scale
+        return w.to(dtype or self.orig_dtype(name))
+
+    def describe(self, name: str) -> dict:
+        if name not in self.schemes:
+            dt = self.f.dtype(name)
+            return {"bytes": math.prod(self.f.shape(name)) * dt.itemsize, "data_type": str(dt).removeprefix("torch.")}
+        args, fmt = self.schemes[name]
+        m = self._m(name)
+        keys = [k for k in (f"{m}.weight_packed", name, f"{m}.weight_scale", f"{m}.weight_zero_point") if k in self.f]
+        nbytes = sum(math.prod(self.f.shape(k)) * self.f.dtype(k).itemsize for k in keys)
+        strategy = args.get("strategy")
+        block = args.get("group_size") if strategy == "group" else {"channel": "row"}.get(strategy, strategy)
+        kind = f"{args.get('type', 'int')}{args.get('num_bits')}" + ("" if args.get("symmetric", True) else " asym")
+        return {"bytes": nbytes, "bits": args.get("num_bits"), "block_size": block, "data_type": kind}

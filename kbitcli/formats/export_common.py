@@ -1,0 +1,234 @@
+"""What the foreign exports (`kbit encode --format bnb | compressed-tensors | gguf`) share.
+
+Each format module (formats/bnb.py, formats/compressed_tensors.py, formats/gguf_format.py) checks the plan
+against what its format can hold and refuses up front, before anything is written, naming the tensor and the
+nearest setting it can hold; then it streams tensor by tensor. This module holds the common parts: the
+format's recipe defaults, which modules of the model are linear layers, the result/plan dict the CLI prints,
+and the Hugging Face folder writer (shards + index + config.json + tokenizer files, all-or-nothing).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from kbitcli import __version__
+from kbitcli.errors import bad_input
+from kbitcli.formats.kbit_format import shard_names
+from kbitcli.formats.output import AtomicOutput, file_record
+from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
+from kbitcli.plan import Plan, TensorPlan, assign_shards
+
+FORMATS = ("kbit", "bnb", "compressed-tensors", "gguf")
+MODULES = {"bnb": "kbitcli.formats.bnb", "compressed-tensors": "kbitcli.formats.compressed_tensors",
+           "gguf": "kbitcli.formats.gguf_format"}
+MANIFEST = "kbit_manifest.json"
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise bad_input(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def format_module(fmt: str):
+    return importlib.import_module(MODULES[check_format(fmt)])
+
+
+def format_defaults(fmt: str) -> dict:
+    """Recipe settings a format starts from when neither a recipe nor a flag sets them (e.g. GGUF: int, B=32).
+    A setting the user gives explicitly is never changed: a format that cannot hold it refuses it."""
+    return {} if fmt == "kbit" else dict(format_module(fmt).DEFAULTS)
+
+
+def module_glob(name: str) -> str:
+    """'model.layers.3.mlp.down_proj.weight' -> 'model.layers.*.mlp.down_proj' (for a suggested --override)."""
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    return re.sub(r"\.\d+(?=\.|$)", ".*", module)
+
+
+def who(t: TensorPlan, recipe, key: str) -> str:
+    """Who asked for setting `key` of tensor t, with the verb: the recipe/flags, or the override rule that set it."""
+    pattern = t.rule[len("override "):] if t.rule.startswith("override") else None
+    if pattern is not None and any(o.pattern == pattern and key in o.settings for o in recipe.overrides):
+        return f"--override {pattern!r} asks"
+    return "the recipe/flags ask"
+
+
+def fix(t: TensorPlan, recipe, key: str, value, flag: str) -> str:
+    """The nearest setting, said where it has to change: the flag, or the override rule that set it."""
+    pattern = t.rule[len("override "):] if t.rule.startswith("override") else None
+    if pattern is not None and any(o.pattern == pattern and key in o.settings for o in recipe.overrides):
+        return f"{key}:{value} in --override {pattern!r}"
+    return flag
+
+
+def refuse(fmt: str, problems: list[tuple[str, str]]) -> None:
+    """problems: (what is wrong, the nearest setting that works). One line: every distinct problem (first few),
+    then the combined nearest settings; raised before anything is written."""
+    if not problems:
+        return
+    texts = list(dict.fromkeys(p for p, _ in problems))
+    fixes = list(dict.fromkeys(f for _, f in problems if f))
+    shown = "; ".join(texts[:3]) + (f" (and {len(texts) - 3} more)" if len(texts) > 3 else "")
+    sep = " " if all(f.startswith("--") for f in fixes) else ", "
+    nearest = f"; nearest: {sep.join(fixes[:4])}" if fixes else ""
+    raise bad_input(f"--format {fmt}: {shown}{nearest}; nothing was written")
+
+
+# ---- the model's linear layers -----------------------------------------------------------------------
+
+def linear_modules(config: dict) -> set[str]:
+    """Names of the nn.Linear modules of the transformers model config.json describes (built on `meta`)."""
+    from torch import nn
+
+    from kbitcli.models.load import model_class
+
+    from transformers import AutoConfig
+
+    raw = {k: v for k, v in config.items() if k != "quantization_config"}
+    if "model_type" not in raw:
+        raise bad_input("config.json has no model_type; it is not a transformers config")
+    cfg = AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        model = model_class(cfg)._from_config(cfg)
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def module_of(name: str, linears: set[str]) -> str | None:
+    """The linear module a checkpoint tensor `X.weight` belongs to (allowing a missing/extra base prefix)."""
+    if not name.endswith(".weight"):
+        return None
+    module = name[: -len(".weight")]
+    if module in linears:
+        return module
+    hits = [m for m in linears if m.endswith("." + module) or module.endswith("." + m)]
+    return module if len(hits) == 1 else None
+
+
+def require_folder(src, fmt: str) -> None:
+    if not src.is_folder or src.config is None:
+        raise bad_input(f"{src.path}: --format {fmt} writes a model that transformers/vLLM/llama.cpp load, which "
+                        "needs the architecture: give a model folder with config.json, not a bare weights file")
+
+
+# ---- what gets written, and the summary the CLI prints ----------------------------------------------
+
+@dataclass
+class Item:
+    """One source tensor as the format stores it: its entries (key, dtype, shape) and a label for the plan."""
+
+    plan: TensorPlan
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    kind: str  # e.g. "nf4", "int4 g64", "Q4_0", or the dense dtype
+    extra: dict = field(default_factory=dict)  # what the writer needs to know about this tensor
+    row: dict = field(default_factory=dict)  # extra columns for the printed plan
+
+    def out_bytes(self) -> int:
+        return sum(nbytes(dt, shape) for _, dt, shape in self.entries)
+
+    def in_bytes(self) -> int:
+        return self.plan.in_bytes()
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+def result_dict(fmt: str, src_path: str, dst: str, dry_run: bool, plan: Plan, items: list[Item], recipe_info: dict,
+                shards: int = 1, notes: list[str] | None = None, out_bytes: int | None = None) -> dict:
+    params = sum(i.plan.numel for i in items)
+    q = [i for i in items if i.plan.quantized]
+    qparams = sum(i.plan.numel for i in q)
+    bytes_out = out_bytes if out_bytes is not None else sum(i.out_bytes() for i in items)
+    rows = []
+    for i in items:
+        row = i.plan.as_dict()
+        row.update(bytes_out=i.out_bytes(), bits_per_param=round(i.out_bytes() * 8 / i.plan.numel, 4), **i.row)
+        if i.plan.quantized:
+            row["data_type"] = i.kind
+        else:
+            row["dtype"] = i.kind
+        rows.append(row)
+    return {"source": src_path, "destination": dst, "dry_run": dry_run, "format": fmt,
+            "tensors": len(items), "quantized_tensors": len(q), "params": params, "quantized_params": qparams,
+            "bytes_in": sum(i.in_bytes() for i in items), "bytes_out": bytes_out,
+            "bits_per_param_quantized": round(sum(i.out_bytes() for i in q) * 8 / qparams, 4) if qparams else None,
+            "bits_per_param_model": round(bytes_out * 8 / params, 4), "shards": shards,
+            "notes": notes or [], "plan": rows, "recipe": recipe_info}
+
+
+def manifest(fmt: str, src, recipe_info: dict, result: dict) -> dict:
+    return {"tool": "kbit", "version": __version__, "format": fmt,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": os.path.abspath(src.path), "files": [file_record(f) for f in src.files]},
+            "recipe": recipe_info, "tensors": result["plan"], "notes": result["notes"]}
+
+
+# ---- Hugging Face folder writer (bnb, compressed-tensors) ---------------------------------------------
+
+def write_hf_folder(src, dst: str, items: list[Item], produce, config: dict, *, force: bool, max_shard_bytes,
+                    progress, meta: dict) -> list[str]:
+    """Stream items into safetensors shards under dst (all-or-nothing): produce(item) -> {key: tensor} gives
+    exactly item.entries. Writes the index (if sharded), config.json, the source's tokenizer/side files and
+    a kbit_manifest.json recording how it was made. Returns the written file names."""
+    shards = assign_shards(items, max_shard_bytes)
+    names = shard_names(len(shards))
+    with AtomicOutput(dst, folder=True, force=force) as out:
+        progress.start("export", sum(i.in_bytes() for i in items), len(items))
+        weight_map = {}
+        for shard, fname in zip(shards, names):
+            path = os.path.join(out.tmp, fname)
+            pf = PlannedFile(path, [e for i in shard for e in i.entries], {"format": "pt"})
+            try:
+                for i in shard:
+                    tensors = produce(i)
+                    for key, _, _ in i.entries:
+                        pf.put(key, tensors[key])
+                        weight_map[key] = fname
+                    progress.advance(i.name, i.in_bytes())
+                pf.close()
+            finally:
+                pf.abort()
+        progress.stop()
+        if len(names) > 1:
+            total = sum(i.out_bytes() for i in items)
+            with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+        for side in src.side_files():
+            if os.path.basename(side) != MANIFEST:
+                shutil.copy2(side, os.path.join(out.tmp, os.path.basename(side)))
+        with open(os.path.join(out.tmp, "config.json"), "w") as fh:
+            json.dump(config, fh, indent=2)
+        files = sorted(os.listdir(out.tmp))
+        meta = {**meta, "outputs": [file_record(os.path.join(out.tmp, f), out.tmp) for f in files]}
+        with open(os.path.join(out.tmp, MANIFEST), "w") as fh:
+            json.dump(meta, fh, indent=2)
+    return files + [MANIFEST]
+
+
+def source_dtype_name(src) -> str:
+    """The model's dtype as config.json names it (transformers 5 writes `dtype`, 4.x `torch_dtype`)."""
+    cfg = src.config or {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if isinstance(name, str) and name in ("float32", "float16", "bfloat16"):
+        return name
+    dtypes = {src.info(n)[0] for n in src.names}
+    floats = [d for d in dtypes if d.is_floating_point]
+    return str(floats[0]).removeprefix("torch.") if len(floats) == 1 else "float32"
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def n_blocks(numel: int, block: int) -> int:
+    return math.ceil(numel / block)

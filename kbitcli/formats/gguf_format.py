@@ -1,0 +1,316 @@
+"""`--format gguf`: a llama.cpp GGUF file (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), written with the `gguf` package.
+
+GGUF's legacy block types hold 32 values per block with an fp16 scale (`_1`: plus an fp16 minimum). Their
+rounding is llama.cpp's own, done by `gguf.quants.quantize`, not kbit's codebooks: kbit's `int` stands for
+that integer grid. Rows (ggml's ne0 = the input dimension) must be a multiple of 32; a tensor whose rows are
+not (stories260K's FFN of 172) is refused, and may be kept unquantized by the user (`--override X=skip`),
+which writes it F32/F16/BF16 as stored — llama.cpp runs mixed-type files.
+
+The file carries what llama.cpp needs for a Llama model, named as convert_hf_to_gguf.py names it:
+`general.architecture = llama`, `llama.context_length`, `.embedding_length`, `.block_count`,
+`.feed_forward_length`, `.attention.head_count(_kv)`, `.rope.freq_base`, `.rope.dimension_count`,
+`.attention.layer_norm_rms_epsilon`, `.vocab_size`, the tokenizer (`tokenizer.ggml.*`, from tokenizer.json),
+and tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), with q/k rows permuted as llama.cpp's
+rotary embedding expects them. The reader (GgufCheckpoint, formats/gguf_reader.py) undoes all of it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from kbitcli import __version__
+from kbitcli.errors import bad_input
+from kbitcli.formats.export_common import Item, manifest, module_glob, refuse, require_folder, result_dict, who, fix
+from kbitcli.formats.output import AtomicOutput, file_record
+
+DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int", "scale_search": 1}
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+BLOCK, ROW_CHUNK = 32, 1 << 20
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def gguf():
+    try:
+        import gguf as mod
+    except ImportError:
+        raise bad_input("GGUF needs the `gguf` package: pip install gguf") from None
+    return mod
+
+
+def check_type(gguf_type: str | None) -> str | None:
+    if gguf_type is None:
+        return None
+    t = gguf_type.upper()
+    if t not in TYPES:
+        raise bad_input(f"--gguf-type {gguf_type}: kbit writes {', '.join(TYPES)} (nearest to "
+                        f"{gguf_type}: {nearest_type(t)})")
+    return t
+
+
+def nearest_type(t: str) -> str:
+    digits = [c for c in t if c.isdigit()]
+    k = int(digits[0]) if digits else 4
+    return {2: "Q4_0", 3: "Q4_0", 4: "Q4_0", 5: "Q5_0", 6: "Q5_0", 7: "Q8_0", 8: "Q8_0"}.get(k, "Q4_0")
+
+
+def type_for(bits: int, variant: str) -> str:
+    return "Q8_0" if bits == 8 else f"Q{bits}_{variant}"
+
+
+# ---- what GGUF can hold ----------------------------------------------------------------------------------
+
+def check(plan, recipe, gguf_type: str | None, names: dict[str, str]) -> None:
+    problems = []
+    if gguf_type is not None and int(gguf_type[1]) != recipe.bits:
+        problems.append((f"--gguf-type {gguf_type} is {gguf_type[1]}-bit but the recipe/flags ask for {recipe.bits} bits",
+                         f"--bits {gguf_type[1]}"))
+    for t in plan.tensors:
+        if t.name not in names:
+            problems.append((f"{module_glob(t.name)!r} has no llama.cpp tensor name (not part of a Llama model)",
+                             "(remove it from the source)"))
+    variant = (gguf_type or "Q4_0")[-1]
+    rows_bad = [t for t in plan.quantized if len(t.shape) != 2 or t.shape[-1] % BLOCK]
+    for t in plan.quantized:
+        s, n = t.spec, t.name
+        label = type_for(s.bits, variant) if s.bits in (4, 5, 8) else "GGUF"
+        if s.bits not in (4, 5, 8):
+            near = 4 if s.bits < 5 else (5 if s.bits == 6 else 8)
+            problems.append((f"GGUF's block types hold 4, 5 or 8 bits ({', '.join(TYPES)}) and "
+                             f"{who(t, recipe, 'bits')} for {s.bits}", fix(t, recipe, "bits", near, f"--bits {near}")))
+        if s.block_size != BLOCK or t.block_label in ("row", "tensor"):
+            problems.append((f"{label} uses blocks of 32 values and {who(t, recipe, 'block_size')} for block "
+                             f"{t.block_label}", fix(t, recipe, "block_size", 32, "--block-size 32")))
+        if s.dtype != "int":
+            problems.append((f"{label} is an integer grid (llama.cpp's rounding) and {who(t, recipe, 'dtype')} "
+                             f"for dtype {s.dtype}", fix(t, recipe, "dtype", "int", "--dtype int")))
+        if s.double_quant:
+            problems.append((f"{label} stores one fp16 scale per block and {who(t, recipe, 'double_quant')} for "
+                             "double-quantized scales", fix(t, recipe, "double_quant", "false", "--no-double-quant")))
+        if s.scale_search != 1:
+            problems.append((f"{label} is rounded by llama.cpp's own quantizer, so kbit's scale search does not apply, "
+                             f"and {who(t, recipe, 'scale_search')} for {s.scale_search} candidates",
+                             fix(t, recipe, "scale_search", 1, "--scale-search 1")))
+        if s.scale_dtype != "fp16":
+            problems.append((f"{label} stores fp16 scales and {who(t, recipe, 'scale_dtype')} for {s.scale_dtype}",
+                             fix(t, recipe, "scale_dtype", "fp16", "--scale-dtype fp16")))
+    if rows_bad:
+        t = rows_bad[0]
+        label = type_for(t.spec.bits, variant) if t.spec.bits in (4, 5, 8) else "GGUF"
+        problems.append((f"{label} needs rows that are a multiple of 32 values and {module_glob(t.name)!r} has rows of "
+                         f"{t.shape[-1]} ({len(rows_bad)} such tensors; kept unquantized they are written as "
+                         "stored, e.g. F32, which llama.cpp runs)", f"--override '{module_glob(t.name)}=skip'"))
+    refuse("gguf", problems)
+
+
+def hf_config(config: dict):
+    from transformers import AutoConfig
+
+    raw = {k: v for k, v in config.items() if k != "quantization_config"}
+    if raw.get("model_type") not in ARCHS:
+        raise bad_input(f"--format gguf writes Llama-architecture models ({', '.join(ARCHS.values())}); this one is "
+                        f"{raw.get('model_type')!r} ({', '.join(raw.get('architectures') or [])}). Use --format "
+                        "bnb or compressed-tensors for it")
+    return AutoConfig.for_model(**raw)
+
+
+def rope(cfg) -> tuple[float, dict]:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", "linear"):
+        raise bad_input(f"--format gguf: rope type {kind!r} is not written by kbit (llama.cpp needs extra tensors "
+                        "for it); convert this model with llama.cpp's convert_hf_to_gguf.py")
+    return float(theta), params if kind == "linear" else {}
+
+
+def tensor_names(src_names, n_layers: int) -> dict[str, str]:
+    g = gguf()
+    tmap = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, n_layers)
+    out = {}
+    for n in src_names:
+        if n.endswith("rotary_emb.inv_freq"):
+            continue
+        name = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            out[n] = name
+    return out
+
+
+def permute(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """HF q/k rows -> llama.cpp's interleaved rotary order (convert_hf_to_gguf.py LlamaModel.permute)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dense_type(t) -> str:
+    if len(t.shape) == 1 or t.dtype == torch.float32:
+        return "F32"  # llama.cpp wants norms in F32
+    return {torch.float16: "F16", torch.bfloat16: "BF16"}.get(t.dtype, "F32")
+
+
+def type_bytes(qtype: str, shape) -> int:
+    g = gguf()
+    block, size = g.GGML_QUANT_SIZES[g.GGMLQuantizationType[qtype]]
+    return math.prod(shape) // block * size
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------
+
+def vocab(folder: str, config: dict) -> dict | None:
+    """tokens / scores / types of a SentencePiece-style (byte-fallback BPE) tokenizer.json, as llama.cpp's
+    'llama' tokenizer wants them. SentencePiece lists pieces in score order, so a normal piece's score is minus
+    its rank among normal pieces (what tokenizer.model stores); control/byte/unknown pieces score 0."""
+    import json
+
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        tj = json.load(fh)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    by_id = {i: t for t, i in model["vocab"].items()}
+    for a in tj.get("added_tokens", []):
+        by_id[a["id"]] = a["content"]
+    special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
+    n = max(by_id) + 1
+    tokens, scores, types, rank = [], [], [], 0
+    for i in range(n):
+        tok = by_id.get(i, f"[PAD{i}]")
+        if tok == model.get("unk_token"):
+            kind, score = 2, 0.0
+        elif i in special:
+            kind, score = 3, 0.0
+        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            kind, score = 6, 0.0
+        else:
+            kind, score, rank = 1, -float(rank), rank + 1
+        tokens.append(tok)
+        scores.append(score)
+        types.append(kind)
+    post = json.dumps(tj.get("post_processor") or {})
+    ids = {k: config.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    ids["unk"] = model["vocab"].get(model.get("unk_token")) if model.get("unk_token") else None
+    add_bos = ids["bos"] is not None and by_id.get(ids["bos"], "\0") in post
+    return {"tokens": tokens, "scores": scores, "types": types, "ids": ids, "add_bos": add_bos}
+
+
+# ---- export -------------------------------------------------------------------------------------------
+
+def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, force: bool, dry_run: bool, progress,
+           max_shard_bytes=None, gguf_type: str | None = None) -> dict:
+    g = gguf()
+    require_folder(src, "gguf")
+    if not dst.endswith(".gguf"):
+        raise bad_input(f"{dst}: a GGUF model is one file; name the destination like model-Q4_0.gguf")
+    gguf_type = check_type(gguf_type)
+    cfg = hf_config(src.config)
+    theta, scaling = rope(cfg)
+    names = tensor_names(src.names, cfg.num_hidden_layers)
+    tensors = [t for t in plan.tensors if not t.name.endswith("rotary_emb.inv_freq")]
+    plan_view = type(plan)(tensors, plan.recipe)
+    check(plan_view, recipe, gguf_type, names)
+    variant = (gguf_type or "Q4_0")[-1]
+    items = []
+    for t in tensors:
+        qtype = type_for(t.spec.bits, variant) if t.quantized else dense_type(t)
+        items.append(Item(t, [(names[t.name], torch.uint8, (type_bytes(qtype, t.shape),))], qtype,
+                          {"qtype": qtype, "gguf_name": names[t.name]}, {"gguf_name": names[t.name]}))
+    voc = vocab(src.path, src.config)
+    notes = [] if voc else ["no SentencePiece-style tokenizer.json found: the GGUF carries no tokenizer, so llama.cpp "
+                            "needs one supplied separately"]
+    if len(tensors) < len(plan.tensors):
+        notes.append("rotary_emb.inv_freq buffers are not written (llama.cpp recomputes them)")
+    result = result_dict("gguf", src_path, dst, dry_run, plan_view, items, recipe_info, notes=notes)
+    if dry_run:
+        return result
+    quant = [i.kind for i in items if i.plan.quantized]
+    ftype = g.LlamaFileType[f"MOSTLY_{max(set(quant), key=quant.count)}"] if quant else g.LlamaFileType.ALL_F32
+
+    with AtomicOutput(dst, folder=False, force=force) as out:
+        w = g.GGUFWriter(out.tmp, "llama")
+        w.add_name(os.path.basename(os.path.normpath(src.path)))
+        w.add_quantized_by(f"kbit {__version__}")
+        w.add_file_type(int(ftype))
+        w.add_quantization_version(g.GGML_QUANT_VERSION)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w.add_rope_dimension_count(head_dim)
+        if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_rope_freq_base(theta)
+        if scaling:
+            w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        if voc:
+            w.add_tokenizer_model("llama")
+            w.add_tokenizer_pre("default")
+            w.add_token_list(voc["tokens"])
+            w.add_token_scores(voc["scores"])
+            w.add_token_types(voc["types"])
+            for key, tid in voc["ids"].items():
+                if tid is not None:
+                    getattr(w, f"add_{key}_token_id")(int(tid))
+            w.add_add_bos_token(voc["add_bos"])
+            w.add_add_eos_token(False)
+        for i in items:
+            shape = (*i.plan.shape[:-1], type_bytes(i.extra["qtype"], i.plan.shape[-1:]))  # byte shape, same rank
+            w.add_tensor_info(names[i.name], shape, np.dtype(np.uint8), i.out_bytes(),
+                              raw_dtype=g.GGMLQuantizationType[i.extra["qtype"]])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        progress.start("export", sum(i.in_bytes() for i in items), len(items))
+        for i in items:
+            w.write_tensor_data(encode_tensor(src.get(i.name), i, cfg))
+            progress.advance(i.name, i.in_bytes())
+        w.close()
+        progress.stop()
+        import json
+
+        with open(out.sidecar(dst + ".manifest.json"), "w") as fh:
+            outputs = [{**file_record(out.tmp), "name": os.path.basename(dst)}]
+            json.dump({**manifest("gguf", src, recipe_info, result), "outputs": outputs}, fh, indent=2)
+    result["files"] = [os.path.basename(dst), os.path.basename(dst) + ".manifest.json"]
+    return result
+
+
+def encode_tensor(w: torch.Tensor, item: Item, cfg) -> np.ndarray:
+    """The bytes of one tensor in its GGUF type, as uint8 [rows, bytes per row] (row chunks bound memory)."""
+    g = gguf()
+    name = item.extra["gguf_name"]
+    if name.endswith(("attn_q.weight", "attn_q.bias")):
+        w = permute(w, cfg.num_attention_heads, cfg.num_attention_heads)
+    elif name.endswith(("attn_k.weight", "attn_k.bias")):
+        w = permute(w, cfg.num_attention_heads, cfg.num_key_value_heads)
+    qtype = g.GGMLQuantizationType[item.extra["qtype"]]
+    cols = w.shape[-1]
+    rows = w.reshape(-1, cols)  # 1-D tensors are one row; written back with their own rank
+    if not torch.isfinite(rows).all():
+        raise bad_input(f"tensor {item.name!r} holds NaN/Inf; fix or drop it")
+    step = max(1, ROW_CHUNK // cols)
+    parts = []
+    for r in range(0, rows.shape[0], step):
+        x = rows[r: r + step]
+        if qtype == g.GGMLQuantizationType.F16:
+            parts.append(x.to(torch.float16).numpy().view(np.uint8))
+        elif qtype == g.GGMLQuantizationType.F32:
+            parts.append(x.float().numpy().view(np.uint8))
+        else:
+            parts.append(g.quants.quantize(x.float().numpy(), qtype))
+    data = np.ascontiguousarray(np.concatenate(parts, axis=0))
+    return data.reshape(*w.shape[:-1], data.shape[-1])

@@ -1,0 +1,237 @@
+"""The fast quantization core must give exactly what the plain definition gives.
+
+`kbitcli.core.blockwise` / `pack` are tuned for speed (chunking, in-place ops, byte-wise packing...). This file
+spells out the definition the on-disk format rests on (docs/FORMAT.md) as a slow, readable reference written
+from scratch here, and checks the fast path against it bit for bit — codes, scales, double-quant constants,
+codebooks and decoded values — on real weights of stories260K and MiniLM, every data type, k in {2,3,4,5,8},
+double quant on and off, ragged tensors and odd block sizes. Any speed-up that changes a single bit fails here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from kbitcli.core import blockwise, codebooks
+from kbitcli.core.blockwise import Spec, dequantize, dequantize_range, quantize
+from kbitcli.core.pack import pack, packed_nbytes, unpack
+from kbitcli.errors import KbitError
+from kbitcli.paths import STORIES260K
+
+DTYPES = ("int", "fp", "nf", "quantile", "dynamic")
+BITS = (2, 3, 4, 5, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference: the format's definition, one step at a time, in plain torch
+# ----------------------------------------------------------------------------------------------------------
+
+def ref_block_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """absmax of each block of `block` consecutive values; the last block may be shorter (zero-filling it
+    changes no absmax)."""
+    padded = torch.cat([flat.float(), torch.zeros(-flat.numel() % block)])
+    return padded.view(-1, block).abs().amax(dim=1)
+
+
+def ref_nearest(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Code = number of midpoints between neighbouring table entries that lie strictly below the value
+    (a value exactly on a midpoint takes the lower entry). Counted by numpy, independently of torch."""
+    mids = ((table[1:] + table[:-1]) / 2).numpy()
+    return torch.from_numpy(np.searchsorted(mids, values.reshape(-1).numpy(), side="left").astype(np.int64))
+
+
+def ref_pack(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """Write every code's k bits, most significant first, into one bit stream; cut it into bytes (first bit
+    = most significant bit of the byte); zero-fill the last byte."""
+    codes = codes.reshape(-1).long()
+    bits = (codes[:, None] >> torch.arange(k - 1, -1, -1)) & 1
+    stream = bits.reshape(-1)
+    stream = torch.cat([stream, torch.zeros(-stream.numel() % 8, dtype=torch.int64)])
+    return (stream.view(-1, 8) * torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])).sum(dim=1).to(torch.uint8)
+
+
+def ref_unpack(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    bits = (packed.long()[:, None] >> torch.arange(7, -1, -1)) & 1
+    stream = bits.reshape(-1)[: n * k].view(n, k)
+    return (stream * (1 << torch.arange(k - 1, -1, -1))).sum(dim=1)
+
+
+def ref_double_quant(absmax: torch.Tensor):
+    """bitsandbytes-style: subtract the mean, then 8-bit dynamic codes in blocks of 256 scales."""
+    offset = absmax.mean().reshape(1)
+    centered = absmax - offset
+    table = codebooks.dynamic_codebook(8)
+    codes, amax2 = [], []
+    for i in range(0, centered.numel(), 256):
+        part = centered[i : i + 256]
+        m = part.abs().max()
+        amax2.append(m)
+        codes.append(ref_nearest(part / (m if m > 0 else torch.tensor(1.0)), table))
+    codes, amax2 = torch.cat(codes).to(torch.uint8), torch.stack(amax2)
+    effective = table[codes.long()] * amax2.repeat_interleave(256)[: codes.numel()] + offset
+    return codes, amax2, offset, effective
+
+
+def ref_quantize(w: torch.Tensor, spec: Spec) -> dict:
+    flat, B, k = w.reshape(-1), spec.block_size, spec.bits
+    absmax = ref_block_absmax(flat, B)
+    out = {}
+    if spec.double_quant:
+        out["scales"], out["scales_absmax"], out["scales_offset"], effective = ref_double_quant(absmax)
+    else:
+        out["scales"] = absmax.to(blockwise.SCALE_DTYPES[spec.scale_dtype])
+        effective = out["scales"].float()
+    divisor = torch.where(effective > 0, effective, torch.ones(()))  # an all-zero block divides by 1
+    per_value = divisor.repeat_interleave(B)[: flat.numel()]
+    if spec.dtype == "quantile":
+        # the tensor's own table, from a strided sample of at most 2^20 block-normalized values
+        stride = max(1, math.ceil(flat.numel() / (1 << 20)))
+        table = codebooks.quantile_codebook(flat[::stride].float() / per_value[::stride], k)
+    else:
+        table = codebooks.fixed_codebook(spec.dtype, k)
+    codes = ref_nearest(flat.float() / per_value, table)
+    out.update(codes=ref_pack(codes, k), codebook=table)
+    out["decoded"] = table[codes] * effective.repeat_interleave(B)[: flat.numel()]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real tensors
+# ----------------------------------------------------------------------------------------------------------
+
+def _load(path: str, names: list[str]) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as f:
+        return {n: f.get_tensor(n) for n in names}
+
+
+@pytest.fixture(scope="module")
+def weights(minilm_dir) -> dict[str, torch.Tensor]:
+    s = _load(os.path.join(STORIES260K, "model.safetensors"),
+              ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight"])
+    m = _load(os.path.join(minilm_dir, "model.safetensors"),
+              ["encoder.layer.0.intermediate.dense.weight", "encoder.layer.3.output.dense.weight",
+               "embeddings.word_embeddings.weight"])
+    return {
+        "stories.down_proj[64x172]": s["model.layers.0.mlp.down_proj.weight"],
+        "stories.k_proj[32x64]": s["model.layers.1.self_attn.k_proj.weight"],
+        "minilm.intermediate[1536x384]": m["encoder.layer.0.intermediate.dense.weight"],
+        # ragged: 37 * 101 = 3737 values is no multiple of 8 nor of any block size; the last block is short
+        "minilm.output[37x101]": m["encoder.layer.3.output.dense.weight"][:37, :101].clone(),
+        "minilm.embeddings[3000x384]": m["embeddings.word_embeddings.weight"][:3000].clone(),
+    }
+
+
+def assert_same(qt, ref: dict, name: str) -> None:
+    assert torch.equal(qt.codes, ref["codes"]), f"{name}: codes differ"
+    assert qt.scales.dtype == ref["scales"].dtype and torch.equal(qt.scales, ref["scales"]), f"{name}: scales differ"
+    assert torch.equal(qt.codebook, ref["codebook"]), f"{name}: codebook differs"
+    if qt.spec.double_quant:
+        assert torch.equal(qt.scales_absmax, ref["scales_absmax"]), f"{name}: scales_absmax differ"
+        assert torch.equal(qt.scales_offset, ref["scales_offset"]), f"{name}: scales_offset differs"
+    else:
+        assert qt.scales_absmax is None and qt.scales_offset is None
+    decoded = dequantize(qt, torch.float32)
+    assert decoded.shape == qt.shape
+    assert torch.equal(decoded.reshape(-1), ref["decoded"]), f"{name}: decoded values differ"
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_matches_reference(weights, dtype, bits, double_quant):
+    spec = Spec(bits, 64, dtype, double_quant)
+    for name in ("stories.down_proj[64x172]", "minilm.intermediate[1536x384]", "minilm.output[37x101]"):
+        w = weights[name]
+        assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec}")
+
+
+@pytest.mark.parametrize("block", [16, 172, 256, 4096, "row", "tensor"])
+@pytest.mark.parametrize("dtype", ["nf", "quantile"])
+def test_block_sizes_match_reference(weights, dtype, block):
+    # 172 is stories260K's row length (what `row` resolves to for down_proj): blocks that are not a multiple of 8
+    for name in ("stories.down_proj[64x172]", "stories.k_proj[32x64]", "minilm.output[37x101]"):
+        w = weights[name]
+        spec = Spec(4, blockwise.resolve_block(block, tuple(w.shape)), dtype, block == 256)
+        assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec}")
+
+
+@pytest.mark.parametrize("scale_dtype", ["bf16", "fp32"])
+def test_scale_dtypes_match_reference(weights, scale_dtype):
+    w = weights["minilm.output[37x101]"]
+    spec = Spec(4, 64, "nf", False, scale_dtype)
+    assert_same(quantize(w, spec), ref_quantize(w, spec), scale_dtype)
+
+
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_match_reference(weights, src_dtype):
+    w = weights["minilm.output[37x101]"].to(src_dtype)
+    for spec in (Spec(4, 64, "nf", True), Spec(3, 64, "fp"), Spec(8, 64, "int")):
+        assert_same(quantize(w, spec), ref_quantize(w, spec), f"{src_dtype} {spec}")
+    qt = quantize(w, Spec(4, 64, "nf"))
+    ref = ref_quantize(w, Spec(4, 64, "nf"))["decoded"]
+    assert torch.equal(dequantize(qt, src_dtype).reshape(-1), ref.to(src_dtype))
+
+
+@pytest.mark.parametrize("chunk", [64 * 8, 1000, 4096 + 8])  # a whole number of blocks, or not
+@pytest.mark.parametrize("spec", [Spec(4, 64, "nf", True), Spec(5, 172, "quantile"), Spec(3, 16, "fp")], ids=str)
+def test_chunk_boundaries_do_not_change_results(weights, monkeypatch, chunk, spec):
+    """Tensors span many chunks in real models; shrink the chunk so a small real tensor spans dozens."""
+    monkeypatch.setattr(blockwise, "CHUNK", chunk)
+    for name in ("stories.down_proj[64x172]", "minilm.output[37x101]"):
+        w = weights[name]
+        assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec} chunk={chunk}")
+
+
+def test_large_tensor_matches_reference(weights):
+    """1.15M values: several default-size chunks' worth of work for the fast path's buffers."""
+    w = weights["minilm.embeddings[3000x384]"]
+    for spec in (Spec(4, 64, "nf", True), Spec(8, 64, "int")):
+        assert_same(quantize(w, spec), ref_quantize(w, spec), str(spec))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_matches_reference(weights, bits):
+    # real codes: the nf codes of a real weight, cut to lengths that end mid-byte
+    w = weights["minilm.output[37x101]"].reshape(-1)
+    table = codebooks.nf_codebook(bits) if bits >= 2 else torch.tensor([-1.0, 1.0])
+    codes = ref_nearest(w / w.abs().max(), table)
+    for n in (codes.numel(), codes.numel() - 3, 8, 7, 1):
+        c = codes[:n]
+        packed = pack(c, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits)
+        assert torch.equal(packed, ref_pack(c, bits)), f"k={bits} n={n}"
+        assert torch.equal(unpack(packed, bits, n), ref_unpack(packed, bits, n)), f"k={bits} n={n}"
+        assert torch.equal(unpack(packed, bits, n), c)
+
+
+@pytest.mark.parametrize("spec", [Spec(4, 64, "nf", True), Spec(3, 172, "quantile"), Spec(5, 16, "dynamic")], ids=str)
+def test_dequantize_range_matches_reference(weights, spec):
+    w = weights["minilm.output[37x101]"]
+    qt, ref = quantize(w, spec), ref_quantize(w, spec)["decoded"]
+    n = w.numel()
+    for start, stop in ((0, n), (0, 1), (5, 77), (64, 3000), (171, 173), (n - 9, n), (1003, 1004)):
+        got = dequantize_range(qt, start, stop)
+        assert torch.equal(got, ref[start:stop]), f"[{start}:{stop})"
+
+
+def test_all_zero_blocks_decode_to_zero(weights):
+    w = weights["minilm.output[37x101]"].clone()
+    w.view(-1)[64:192] = 0  # two whole blocks of zeros
+    for spec in (Spec(4, 64, "nf"), Spec(4, 64, "nf", True), Spec(3, 64, "quantile")):
+        qt, ref = quantize(w, spec), ref_quantize(w, spec)
+        assert_same(qt, ref, str(spec))
+        if not spec.double_quant:  # (with double quant the scale is offset + code * absmax: near, not at, 0)
+            assert torch.count_nonzero(dequantize(qt).reshape(-1)[64:192]) == 0
+
+
+def test_nan_is_reported_at_its_index_in_any_chunk(weights, monkeypatch):
+    monkeypatch.setattr(blockwise, "CHUNK", 512)
+    w = weights["minilm.output[37x101]"].clone()
+    w.view(-1)[2345] = float("nan")
+    with pytest.raises(KbitError, match="flat index 2345"):
+        quantize(w, Spec(4, 64, "nf"), "layer.weight")

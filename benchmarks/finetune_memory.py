@@ -8,7 +8,7 @@ process after importing torch + transformers and before loading anything, so pea
 and the training cost.
 
     .venv/bin/python benchmarks/finetune_memory.py                       # stories260K (real, 260K params)
-    .venv/bin/python benchmarks/finetune_memory.py --synthetic 6,768     # + a random-init Llama, 6 layers x 768
+    .venv/bin/python benchmarks/finetune_memory.py --synthetic 8,1024    # a random-init Llama, 8 layers x 1024
     .venv/bin/python benchmarks/finetune_memory.py --json
 
 The synthetic model (random weights, built from a Llama config with stories260K's tokenizer) exists only to
@@ -122,6 +122,7 @@ def compare(dense: str, args, tmp: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*", help="dense causal-LM folders (default: bundled stories260K, unless --synthetic)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--targets", help=argparse.SUPPRESS)
@@ -142,7 +143,8 @@ def main() -> None:
         return worker(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="kbit-ftbench-") as tmp:
-        models = [STORIES260K] + [synthetic_llama(s, tmp, STORIES260K) for s in args.synthetic]
+        models = list(args.models) or ([] if args.synthetic else [STORIES260K])
+        models += [synthetic_llama(s, tmp, STORIES260K) for s in args.synthetic]
         for m in models:
             results.append(compare(m, args, tmp))
             r = results[-1]

@@ -65,7 +65,8 @@ def decode(src: str, dst: str, dtype: str | None = None, *, force: bool = False,
     for n in ck.names:
         od = ck.orig_dtype(n)
         entries.append(_Entry(n, want if (want is not None and od.is_floating_point) else od, ck.shape(n)))
-    shards = assign_shards(entries, parse_size(max_shard_size))
+    limit = parse_size(max_shard_size)
+    shards = assign_shards(entries, limit if ck.is_folder else None)  # a file gives one file, never shards
     folder = ck.is_folder
     names = shard_names(len(shards))
     total = sum(e.out_bytes() for e in entries)

@@ -142,15 +142,20 @@ def make_plan(names_infos, recipe: Recipe, max_shard_bytes: int | None = None) -
                 used[f"targets\0{p}"] += quantizable
             targeted, rule = bool(hits) and quantizable, "targets"
         settings = recipe.settings()
+        ignored = None
         for p in recipe.ignore:
             if matches(p, name):
                 used[f"ignore\0{p}"] += 1
+                ignored = ignored or p
                 if targeted:
                     targeted, rule = False, f"ignore {p}"
         for o in recipe.overrides:
             # overrides act on quantizable tensors only: 're:.*down_proj.*' must not trip over a bias
             if quantizable and matches(o.pattern, name):
                 used[f"overrides\0{o.pattern}"] += 1
+                if ignored is not None:  # `ignore` means dense, whatever a broad override pattern says
+                    targeted, rule = False, f"ignore {ignored}"
+                    continue
                 if o.settings.get("skip"):
                     targeted, rule = False, f"override {o.pattern}"
                     continue

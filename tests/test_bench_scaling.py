@@ -25,6 +25,7 @@ models:
   - path: {minilm}
     name: MiniLM
 grid: {{bits: {bits}, block_size: [64], dtype: [nf]}}
+recipe: {{scale_search: 1}}  # plain absmax, as in the paper (and quick to quantize)
 max_tokens: 1024
 max_lines: 16
 """
@@ -85,6 +86,9 @@ def test_frontier_is_pareto(study_run):
     assert res["verdict"]["stories260K"]["frontier"][-1]["config"] == "dense"
     cells = [{"total_bits": b, "metric": m, "model": "x"} for b, m in [(1, 5.0), (2, 6.0), (3, 4.0), (3, 3.0), (5, 3.5)]]
     assert [(c["total_bits"], c["metric"]) for c in frontier(cells)] == [(1, 5.0), (3, 3.0)]
+    # totals within 0.1% are one budget: 32 bits of codebook table do not make a frontier point
+    near = [{"total_bits": 100_000, "metric": 2.0}, {"total_bits": 100_032, "metric": 1.9}, {"total_bits": 100_016, "metric": 2.5}]
+    assert [c["metric"] for c in frontier(near)] == [1.9]
 
 
 def test_resume_reuses_finished_cells(study_run, tmp_path, stories_dir, minilm_dir, tinystories_text):
@@ -123,7 +127,8 @@ class StopAfter(NullProgress):
 
 def test_interrupted_study_resumes(tmp_path, stories_dir, tinystories_text):
     study = tmp_path / "s.yaml"
-    study.write_text(f"text: {tinystories_text}\nmodels: [{stories_dir}]\ngrid: {{bits: [2, 3, 4]}}\nmax_tokens: 512\n")
+    study.write_text(f"text: {tinystories_text}\nmodels: [{stories_dir}]\ngrid: {{bits: [2, 3, 4]}}\nmax_tokens: 512\n"
+                     "recipe: {scale_search: 1}\n")
     out = tmp_path / "out"
     with pytest.raises(KbitError) as e:
         run_study(str(study), str(out), progress=StopAfter(2))

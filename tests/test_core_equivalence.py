@@ -9,6 +9,7 @@ double quant on and off, ragged tensors and odd block sizes. Any speed-up that c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -77,9 +78,44 @@ def ref_double_quant(absmax: torch.Tensor):
     return codes, amax2, offset, effective
 
 
+def ref_quantile_table(flat: torch.Tensor, scales: torch.Tensor, block: int, k: int) -> torch.Tensor:
+    """The tensor's own table, from a strided sample of at most 2^20 block-normalized values."""
+    divisor = torch.where(scales > 0, scales, torch.ones(())).repeat_interleave(block)[: flat.numel()]
+    stride = max(1, math.ceil(flat.numel() / (1 << 20)))
+    return codebooks.quantile_codebook(flat[::stride].float() / divisor[::stride], k)
+
+
+def ref_search_scales(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int, n: int):
+    """Per block, of the scales absmax * (1 - 0.05 i), i < n, the first with the least sum of squared errors
+    sum((table[code(x / s)] * s - x)^2) over the block (fp32; whole blocks summed as rows, the short last
+    block on its own)."""
+    x = flat.float()
+    full = x.numel() // block * block
+    rows = [(x[:full].view(-1, block), slice(0, full // block))] if full else []
+    if full < x.numel():
+        rows.append((x[full:].view(1, -1), slice(full // block, full // block + 1)))
+    best = absmax.clone()
+    for xb, sl in rows:
+        candidates = [absmax[sl] * (1 - 0.05 * i) for i in range(n)]
+        errors = []
+        for s in candidates:
+            s = torch.where(s > 0, s, torch.ones(()))[:, None]
+            codes = ref_nearest(xb / s, table).view(xb.shape)
+            errors.append((table[codes] * s - xb).pow(2).sum(dim=1))
+        errors = torch.stack(errors)  # [n, blocks]
+        first_best = errors.argmin(dim=0)  # argmin returns the first of equal minima
+        best[sl] = torch.stack(candidates).gather(0, first_best[None]).squeeze(0)
+    return best
+
+
 def ref_quantize(w: torch.Tensor, spec: Spec) -> dict:
     flat, B, k = w.reshape(-1), spec.block_size, spec.bits
     absmax = ref_block_absmax(flat, B)
+    table = None
+    if spec.scale_search > 1:
+        # the table the search measures errors with is the final one (a quantile table: from plain absmax)
+        table = ref_quantile_table(flat, absmax, B, k) if spec.dtype == "quantile" else codebooks.fixed_codebook(spec.dtype, k)
+        absmax = ref_search_scales(flat, absmax, table, B, spec.scale_search)
     out = {}
     if spec.double_quant:
         out["scales"], out["scales_absmax"], out["scales_offset"], effective = ref_double_quant(absmax)
@@ -88,12 +124,8 @@ def ref_quantize(w: torch.Tensor, spec: Spec) -> dict:
         effective = out["scales"].float()
     divisor = torch.where(effective > 0, effective, torch.ones(()))  # an all-zero block divides by 1
     per_value = divisor.repeat_interleave(B)[: flat.numel()]
-    if spec.dtype == "quantile":
-        # the tensor's own table, from a strided sample of at most 2^20 block-normalized values
-        stride = max(1, math.ceil(flat.numel() / (1 << 20)))
-        table = codebooks.quantile_codebook(flat[::stride].float() / per_value[::stride], k)
-    else:
-        table = codebooks.fixed_codebook(spec.dtype, k)
+    if table is None:
+        table = ref_quantile_table(flat, effective, B, k) if spec.dtype == "quantile" else codebooks.fixed_codebook(spec.dtype, k)
     codes = ref_nearest(flat.float() / per_value, table)
     out.update(codes=ref_pack(codes, k), codebook=table)
     out["decoded"] = table[codes] * effective.repeat_interleave(B)[: flat.numel()]
@@ -119,11 +151,16 @@ def weights(minilm_dir) -> dict[str, torch.Tensor]:
     return {
         "stories.down_proj[64x172]": s["model.layers.0.mlp.down_proj.weight"],
         "stories.k_proj[32x64]": s["model.layers.1.self_attn.k_proj.weight"],
-        "minilm.intermediate[1536x384]": m["encoder.layer.0.intermediate.dense.weight"],
+        # 147,456 values: big enough for the fast path to build its code lookup for a quantile table too
+        "minilm.intermediate[384x384]": m["encoder.layer.0.intermediate.dense.weight"][:384].clone(),
         # ragged: 37 * 101 = 3737 values is no multiple of 8 nor of any block size; the last block is short
         "minilm.output[37x101]": m["encoder.layer.3.output.dense.weight"][:37, :101].clone(),
         "minilm.embeddings[3000x384]": m["embeddings.word_embeddings.weight"][:3000].clone(),
     }
+
+
+def spec_id(spec: Spec) -> str:
+    return f"{spec.dtype}{spec.bits}-b{spec.block_size}" + ("-dq" if spec.double_quant else "")
 
 
 def assert_same(qt, ref: dict, name: str) -> None:
@@ -145,7 +182,7 @@ def assert_same(qt, ref: dict, name: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_matches_reference(weights, dtype, bits, double_quant):
     spec = Spec(bits, 64, dtype, double_quant)
-    for name in ("stories.down_proj[64x172]", "minilm.intermediate[1536x384]", "minilm.output[37x101]"):
+    for name in ("stories.down_proj[64x172]", "minilm.intermediate[384x384]", "minilm.output[37x101]"):
         w = weights[name]
         assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec}")
 
@@ -157,6 +194,15 @@ def test_block_sizes_match_reference(weights, dtype, block):
     for name in ("stories.down_proj[64x172]", "stories.k_proj[32x64]", "minilm.output[37x101]"):
         w = weights[name]
         spec = Spec(4, blockwise.resolve_block(block, tuple(w.shape)), dtype, block == 256)
+        assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec}")
+
+
+@pytest.mark.parametrize("spec", [Spec(4, 64, "nf"), Spec(3, 64, "quantile", True), Spec(2, 172, "int"),
+                                  Spec(8, 64, "fp", True), Spec(5, 16, "dynamic")], ids=spec_id)
+def test_scale_search_matches_reference(weights, spec):
+    spec = dataclasses.replace(spec, scale_search=4)  # the recipes' default
+    for name in ("stories.down_proj[64x172]", "minilm.output[37x101]", "minilm.intermediate[384x384]"):
+        w = weights[name]
         assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec}")
 
 
@@ -178,7 +224,7 @@ def test_half_precision_inputs_match_reference(weights, src_dtype):
 
 
 @pytest.mark.parametrize("chunk", [64 * 8, 1000, 4096 + 8])  # a whole number of blocks, or not
-@pytest.mark.parametrize("spec", [Spec(4, 64, "nf", True), Spec(5, 172, "quantile"), Spec(3, 16, "fp")], ids=str)
+@pytest.mark.parametrize("spec", [Spec(4, 64, "nf", True), Spec(5, 172, "quantile"), Spec(3, 16, "fp")], ids=spec_id)
 def test_chunk_boundaries_do_not_change_results(weights, monkeypatch, chunk, spec):
     """Tensors span many chunks in real models; shrink the chunk so a small real tensor spans dozens."""
     monkeypatch.setattr(blockwise, "CHUNK", chunk)
@@ -188,9 +234,9 @@ def test_chunk_boundaries_do_not_change_results(weights, monkeypatch, chunk, spe
 
 
 def test_large_tensor_matches_reference(weights):
-    """1.15M values: several default-size chunks' worth of work for the fast path's buffers."""
+    """1.15M values: several default-size chunks, and more than the 2^20 values a quantile table samples."""
     w = weights["minilm.embeddings[3000x384]"]
-    for spec in (Spec(4, 64, "nf", True), Spec(8, 64, "int")):
+    for spec in (Spec(4, 64, "nf", True), Spec(8, 64, "int"), Spec(4, 64, "quantile")):
         assert_same(quantize(w, spec), ref_quantize(w, spec), str(spec))
 
 
@@ -209,7 +255,7 @@ def test_pack_matches_reference(weights, bits):
         assert torch.equal(unpack(packed, bits, n), c)
 
 
-@pytest.mark.parametrize("spec", [Spec(4, 64, "nf", True), Spec(3, 172, "quantile"), Spec(5, 16, "dynamic")], ids=str)
+@pytest.mark.parametrize("spec", [Spec(4, 64, "nf", True), Spec(3, 172, "quantile"), Spec(5, 16, "dynamic")], ids=spec_id)
 def test_dequantize_range_matches_reference(weights, spec):
     w = weights["minilm.output[37x101]"]
     qt, ref = quantize(w, spec), ref_quantize(w, spec)["decoded"]

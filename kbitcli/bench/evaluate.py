@@ -168,7 +168,7 @@ class CausalReference:
     """The dense model's log-probabilities on a fixed set of windows, computed once and compared with any
     number of quantized models (kept in memory when they fit in `cache_bytes`, recomputed otherwise)."""
 
-    def __init__(self, dense, windows: list[Window], cache_bytes: int = 1 << 28, progress=None):
+    def __init__(self, dense, windows: list[Window], cache_bytes: int = 1 << 30, progress=None):
         self.dense, self.windows = dense, windows
         self.batches = list(batches(windows, vocab_size(dense)))
         self.cache = [] if sum(w.scored for w in windows) * vocab_size(dense) * 4 <= cache_bytes else None

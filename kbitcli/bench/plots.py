@@ -6,7 +6,7 @@ Figures (matplotlib, Agg backend, no display needed): metric against total model
 - plots/block-<B>.png: one per block size; one line per k, its points the data types at that (k, B) (same
   bits, so the spread shows what the data type buys), one panel per model.
 - plots/frontier.png: every cell, with the Pareto frontier drawn through the best ones.
-Lower is better for every metric (nll; 1 - cosine for encoders, drawn on a log y axis).
+Lower is better for every metric (nll; 1 - cosine for encoders); both axes are logarithmic.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ COLUMNS = ("model", "kind", "bits", "block_size", "dtype", "double_quant", "tota
 MARKERS = {"nf": "o", "fp": "s", "int": "^", "quantile": "D", "dynamic": "v"}
 
 
-def _label(c: dict) -> str:
-    from kbitcli.bench.scaling import describe_cell
+def _label(c: dict, rows: list[dict]) -> str:
+    from kbitcli.bench.scaling import describe_cell, varies_search
 
-    return describe_cell(c)
+    return describe_cell(c, varies_search(rows))
 
 
 def _write(path: str, write) -> None:
@@ -81,11 +81,20 @@ def _panels(rows):
 
 
 def _style(ax, model: str, rows: list[dict]):
+    from matplotlib.ticker import FuncFormatter
+
     metric = rows[0]["metric_name"]
     ax.set_xscale("log")
-    if metric == "1-cosine":
-        ax.set_yscale("log")
-    ax.set_xlabel("total model bits")
+    ax.set_yscale("log")  # nll from a broken 2-bit model to near-dense spans a decade; 1 - cosine spans several
+    mbit = FuncFormatter(lambda x, _: f"{x / 1e6:.3g}M")
+    plain = FuncFormatter(lambda y, _: f"{y:.3g}")
+    for which in ("major", "minor"):
+        (ax.xaxis.set_major_formatter if which == "major" else ax.xaxis.set_minor_formatter)(mbit)
+        ax.tick_params(axis="x", which=which, labelsize=7, labelrotation=40)
+        if metric != "1-cosine":
+            (ax.yaxis.set_major_formatter if which == "major" else ax.yaxis.set_minor_formatter)(plain)
+            ax.tick_params(axis="y", which=which, labelsize=7)
+    ax.set_xlabel("total model bits (M = million)")
     ax.set_ylabel(f"{metric} (lower is better)")
     ax.set_title(model, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -139,7 +148,7 @@ def _frontier_figure(out, rows) -> str:
         front = frontier(mine)
         ax.step([c["total_bits"] for c in front], [c["metric"] for c in front], "r-", where="post", label="frontier")
         for c in front:
-            ax.annotate(_label(c), (c["total_bits"], c["metric"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_label(c, rows), (c["total_bits"], c["metric"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         _style(ax, model, mine)
         ax.legend(fontsize=7)
     fig.suptitle("Pareto frontier: best configuration for each bit budget", fontsize=11)
@@ -163,13 +172,16 @@ def report(study: dict, rows: list[dict], result: dict, figures: list[str]) -> s
         for f in v["frontier"]:
             lines.append(f"| {f['from_bits']:,} | {'' if f['below_bits'] is None else format(f['below_bits'], ',')} | "
                          f"{f['bits_per_param_model']:.3f} | {f['config']} | {f['metric']:.5g} |")
-        lines += ["", f"k on the frontier: {v['frontier_bits']}; most often: {v['most_frequent_k']}", "",
+        lines += ["", f"k on the frontier: {v['frontier_bits']}. Best cell of each k:", "",
+                  "| k | best | total bits | metric |", "|---|---|---|---|"]
+        lines += [f"| {k} | {b['config']} | {b['total_bits']:,} | {b['metric']:.5g} |" for k, b in v["best_per_k"].items()]
+        lines += ["",
                   "### All cells", "", "| config | total bits | bits/param (model) | metric | KL | top-1 | cosine min |",
                   "|---|---|---|---|---|---|---|"]
         for r in sorted(mine, key=lambda r: (r["total_bits"], r["metric"])):
             def fmt(key, spec=".5g"):
                 return "" if r.get(key) is None else format(r[key], spec)
-            lines.append(f"| {_label(r)}{' **(frontier)**' if r['on_frontier'] else ''} | {r['total_bits']:,} | "
+            lines.append(f"| {_label(r, rows)}{' **(frontier)**' if r['on_frontier'] else ''} | {r['total_bits']:,} | "
                          f"{r['bits_per_param_model']:.3f} | {r['metric']:.5g} | {fmt('kl_divergence')} | "
                          f"{fmt('top1_agreement', '.4f')} | {fmt('cosine_min')} |")
         lines.append("")

@@ -16,7 +16,9 @@ from kbitcli.recipes import Recipe, load_recipe, with_flags
 def show_plan(result: dict, con, limit: int | None = None) -> None:
     t = Table(title="plan" if result.get("dry_run") else "encoded", title_justify="left")
     for col in ("tensor", "shape", "k", "block", "type", "bits/param", "rule"):
-        t.add_column(col, justify="right" if col in ("k", "bits/param") else "left")
+        # names wrap rather than being cut with an ellipsis: the plan must name every tensor in full
+        t.add_column(col, justify="right" if col in ("k", "bits/param") else "left",
+                     overflow="fold" if col == "tensor" else "ellipsis")
     rows = result["plan"] if limit is None else result["plan"][:limit]
     for p in rows:
         if p["quantized"]:

@@ -13,7 +13,7 @@ from kbitcli.inspect import inspect
 def show(r: dict, con) -> None:
     t = Table(title=f"{r['path']} ({r['format']})", title_justify="left")
     for col in ("tensor", "shape", "k", "block", "type", "bits/param", "bytes"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold" if col == "tensor" else "ellipsis")  # full names, wrapped
     for p in r["plan"]:
         if p["quantized"]:
             t.add_row(p["name"], "x".join(map(str, p["shape"])), str(p["bits"]), str(p["block_size"]),

@@ -123,7 +123,7 @@ def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """Double quantization: subtract the mean, then 8-bit dynamic codes in blocks of 256 (fp32 absmax each)."""
     offset = absmax.mean().reshape(1)
     centered = absmax - offset
-    table = codebooks.dynamic_codebook(8)
+    table = _fixed_table("dynamic", 8)
     n = centered.numel()
     n2 = math.ceil(n / DQ_BLOCK)
     padded = torch.zeros(n2 * DQ_BLOCK)
@@ -135,9 +135,11 @@ def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def dequantize_scales(codes: torch.Tensor, amax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    table = codebooks.dynamic_codebook(8)
-    idx = torch.arange(codes.numel()) // DQ_BLOCK
-    return table[codes.long()] * amax2[idx] + offset
+    n = codes.numel()
+    values = _fixed_table("dynamic", 8)[codes.long()]
+    # each run of DQ_BLOCK scales times its own absmax, via a [runs, DQ_BLOCK] view of the zero-filled codes
+    padded = torch.cat([values, values.new_zeros(-n % DQ_BLOCK)]).view(-1, DQ_BLOCK)
+    return (padded * amax2[:, None] + offset).reshape(-1)[:n]
 
 
 def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTensor:
@@ -210,7 +212,10 @@ def _per_block(x: torch.Tensor, scales: torch.Tensor, block: int, op, out: torch
 
 
 def _normalized_sample(flat: torch.Tensor, safe_scales: torch.Tensor, block: int, max_samples: int = 1 << 20):
+    """Every stride-th value of the tensor divided by its block's scale (every value for up to 2^20)."""
     stride = max(1, math.ceil(flat.numel() / max_samples))
+    if stride == 1:  # the same divisions, block by block, without gathering a scale per value
+        return _per_block(flat, safe_scales, block, torch.div, torch.empty(flat.numel()))
     idx = torch.arange(0, flat.numel(), stride)
     return flat[idx].float() / safe_scales[idx // block]
 

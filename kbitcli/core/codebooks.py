@@ -110,8 +110,7 @@ def quantile_codebook(normalized: torch.Tensor, k: int, max_samples: int = 1 << 
     lo = pos.floor().long()
     hi = torch.clamp(lo + 1, max=x.numel() - 1)
     w = pos - lo
-    xd = x.double()
-    q = xd[lo] * (1 - w) + xd[hi] * w
+    q = x[lo].double() * (1 - w) + x[hi].double() * w
     table = (q[:-1] + q[1:]) / 2
     # The formula never reaches Q(1): its extremes sit inside (-1, 1), yet every block holds a value of
     # exactly +-1 (its own absmax), the largest error source. Stretch each side so the extremes are -1 and

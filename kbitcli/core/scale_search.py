@@ -18,10 +18,11 @@ STEP = 0.05  # candidate scales: absmax * (1 - STEP * i), i = 0 .. n-1
 def search_scales(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int, n: int,
                   chunk_values: int) -> torch.Tensor:
     """flat: the tensor's values; absmax: fp32 per block; returns fp32 per-block scales (<= absmax)."""
-    from kbitcli.core.blockwise import nearest  # local: blockwise imports this module
+    from kbitcli.core.nearest import NearestCodes
 
     out = absmax.clone()
-    mids = None
+    to_codes = NearestCodes(table, flat.numel(), chunk_values)
+    work = torch.empty(min(flat.numel(), chunk_values))  # reused for every candidate of every chunk
     for start in range(0, flat.numel(), chunk_values):
         x = flat[start : start + chunk_values].float()
         b0 = start // block
@@ -32,15 +33,20 @@ def search_scales(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
             parts.append((x[full:].view(1, -1), slice(nb, nb + 1)))
         for xb, sl in parts:
             amax = absmax[sl]
+            err = work[: xb.numel()].view(xb.shape)
             best_err = None
             for i in range(n):
                 s = amax * (1 - STEP * i)
                 safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
-                err = (table[nearest(xb / safe, table)] * safe - xb).pow(2).sum(dim=1)
+                # (table[code(x / s)] * s - x)^2, in place in one buffer (same ops, same values)
+                torch.div(xb, safe, out=err)
+                codes = to_codes(err.view(-1)).int()
+                torch.index_select(table, 0, codes, out=err.view(-1))
+                block_err = err.mul_(safe).sub_(xb).pow_(2).sum(dim=1)
                 if best_err is None:
-                    best_err = err
+                    best_err = block_err
                     continue
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
+                better = block_err < best_err
+                best_err = torch.where(better, block_err, best_err)
                 out[sl] = torch.where(better, s, out[sl])
     return out

@@ -37,7 +37,7 @@ DEFAULTS = {"bits": 4, "block_size": 64, "dtype": "nf", "scale_dtype": "fp32", "
 BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 QUANT_TYPES = {"nf": "nf4", "fp": "fp4"}
 # bitsandbytes' FP4 (E2M1, bias 2) in code order: bit 3 is the sign; magnitudes are not monotone in the code
-FP4_CODE = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=torch.float32) / 12
+FP4_CODE = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3]) / 12
 CHUNK = 1 << 21
 
 
@@ -193,6 +193,11 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     if any(t.spec.dtype == "fp" for t in plan.quantized):
         notes.append("dtype fp is written as bitsandbytes FP4 (its table, smallest magnitude 0.0052 where kbit's "
                      "fp4 has 0.083); values are quantized against bnb's table")
+    odd = [t.name for t in plan.quantized if t.shape[0] % 32]
+    if odd:
+        notes.append(f"{len(odd)} quantized weights (e.g. {module_glob(odd[0])}) have out_features not divisible by 32, "
+                     "which bitsandbytes' CPU AVX512-BF16 kernel asserts on (GPUs are fine); on such a CPU set "
+                     "support_avx512bf16_for_cpu = False on each Linear4bit to use its generic path")
     qc = quantization_config(plan, linears, compute)
     result = result_dict("bnb", src_path, dst, dry_run, plan, items, recipe_info, notes=notes)
     result["quantization_config"] = qc
@@ -236,7 +241,8 @@ class BnbCheckpoint:
         for w in self.states:
             if w not in self.f:
                 raise bad_input(f"{path}: {w} has a quant_state but no packed weight; the checkpoint is damaged")
-        self.model_dtype = DTYPE_NAMES.get(str((self.config or {}).get("dtype") or (self.config or {}).get("torch_dtype")))
+        cfg = self.config or {}
+        self.model_dtype = DTYPE_NAMES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
 
     def is_quantized(self, name: str) -> bool:
         return name in self.states or name in self.int8
@@ -279,7 +285,8 @@ class BnbCheckpoint:
                                    absmax, codebook, amax2, offset)
         idx = torch.arange(absmax.numel()) // int(st["nested_blocksize"])
         scales = nested_map[absmax.long()] * amax2[idx] + offset
-        return QuantizedTensor(Spec(4, st["blocksize"], spec_dtype, False, "fp32"), shape, dtype, codes, scales, codebook)
+        spec = Spec(4, st["blocksize"], spec_dtype, False, "fp32")
+        return QuantizedTensor(spec, shape, dtype, codes, scales, codebook)
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name in self.states:
@@ -296,7 +303,9 @@ class BnbCheckpoint:
         if name in self.states:
             st = self.states[name]
             n = math.prod(st["shape"])
-            keys = [name] + [f"{name}.{s}" for s in ("absmax", "nested_absmax")]
+            # everything stored for the weight: codes, absmax, the per-tensor tables and the quant_state JSON
+            keys = [name] + [f"{name}.{s}" for s in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")]
+            keys += [k for k in self.f.keys if k.startswith(f"{name}.quant_state.")]
             nbytes = sum(math.prod(self.f.shape(k)) * self.f.dtype(k).itemsize for k in keys if k in self.f)
             dq = f"{name}.nested_absmax" in self.f
             return {"bytes": nbytes, "bits": 4, "block_size": st["blocksize"], "double_quant": dq,

@@ -24,15 +24,14 @@ import sys
 
 import torch
 
-from kbitcli.core.blockwise import Spec, quantize
+from kbitcli.core.blockwise import quantize
 from kbitcli.core.pack import unpack
 from kbitcli.errors import bad_input
-from kbitcli.formats.export_common import (Item, linear_modules, manifest, module_glob, module_of, refuse,
-                                           require_folder, result_dict, who, fix, write_hf_folder)
+from kbitcli.formats.export_common import (Item, fix, linear_modules, manifest, module_glob, module_of, refuse,
+                                           require_folder, result_dict, who, write_hf_folder)
 from kbitcli.formats.foreign import DTYPE_NAMES, Files
 
 DEFAULTS = {"bits": 4, "block_size": 64, "dtype": "int"}
-MIN_BITS, MAX_BITS = 1, 8  # PackedQuantizationCompressor.can_compress in compressed-tensors 0.20
 
 
 def divisors_near(cols: int, block: int) -> list[int]:
@@ -53,14 +52,16 @@ def check(plan, recipe, linears: set[str]) -> None:
             problems.append((f"pack-quantized stores integer codes and {who(t, recipe, 'dtype')} for dtype "
                              f"{s.dtype}", fix(t, recipe, "dtype", "int", "--dtype int")))
         if s.double_quant:
-            problems.append((f"compressed-tensors stores one float scale per group and {who(t, recipe, 'double_quant')} "
-                             "for double-quantized (8-bit) scales", fix(t, recipe, "double_quant", "false", "--no-double-quant")))
+            problems.append((f"compressed-tensors stores one float scale per group and "
+                             f"{who(t, recipe, 'double_quant')} for double-quantized (8-bit) scales",
+                             fix(t, recipe, "double_quant", "false", "--no-double-quant")))
         cols = t.shape[1]
         if t.block_label not in ("row", "tensor") and cols % s.block_size:
             near = divisors_near(cols, s.block_size)
             to = near[0] if near else "row"
-            problems.append((f"compressed-tensors groups must divide the row and {module_glob(n)!r} has rows of {cols} values, "
-                             f"which block {s.block_size} does not divide", f"--override '{module_glob(n)}=block_size:{to}'"))
+            problems.append((f"compressed-tensors groups must divide the row and {module_glob(n)!r} has rows of "
+                             f"{cols} values, which block {s.block_size} does not divide",
+                             f"--override '{module_glob(n)}=block_size:{to}'"))
     if not plan.quantized:
         problems.append(("no tensor is quantized", "--targets ..."))
     refuse("compressed-tensors", problems)
@@ -215,7 +216,7 @@ class CtCheckpoint:
         self.global_format = qc.get("format") or "dense"
         self.groups = list((qc.get("config_groups") or {}).values())
         self.ignore = qc.get("ignore") or []
-        modules = {k.rsplit(".", 1)[0] for k in self.f.keys if k.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale")}
+        modules = {k.rsplit(".", 1)[0] for k in self.f.keys if k.endswith((".weight_packed", ".weight_scale"))}
         self.schemes = {}  # "<module>.weight" -> (weights args, format)
         for m in sorted(modules):
             group = self._group(m)
@@ -326,7 +327,8 @@ class CtCheckpoint:
             return {"bytes": math.prod(self.f.shape(name)) * dt.itemsize, "data_type": str(dt).removeprefix("torch.")}
         args, fmt = self.schemes[name]
         m = self._m(name)
-        keys = [k for k in (f"{m}.weight_packed", name, f"{m}.weight_scale", f"{m}.weight_zero_point") if k in self.f]
+        keys = [f"{m}.{p}" for p in PARTS if p.startswith("weight")] + [name]  # everything stored for it
+        keys = [k for k in keys if k in self.f]
         nbytes = sum(math.prod(self.f.shape(k)) * self.f.dtype(k).itemsize for k in keys)
         strategy = args.get("strategy")
         block = args.get("group_size") if strategy == "group" else {"channel": "row"}.get(strategy, strategy)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
-import math
 import os
 import re
 import shutil
@@ -89,16 +88,18 @@ def refuse(fmt: str, problems: list[tuple[str, str]]) -> None:
 def linear_modules(config: dict) -> set[str]:
     """Names of the nn.Linear modules of the transformers model config.json describes (built on `meta`)."""
     from torch import nn
+    from transformers import AutoConfig
 
     from kbitcli.models.load import model_class
-
-    from transformers import AutoConfig
 
     raw = {k: v for k, v in config.items() if k != "quantization_config"}
     if "model_type" not in raw:
         raise bad_input("config.json has no model_type; it is not a transformers config")
-    cfg = AutoConfig.for_model(**raw)
-    with torch.device("meta"):
+    try:
+        cfg = AutoConfig.for_model(**raw)
+    except (ValueError, KeyError) as e:
+        raise bad_input(f"config.json: transformers cannot build this model ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):  # no memory, no init: only the module tree is wanted
         model = model_class(cfg)._from_config(cfg)
     return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
@@ -224,11 +225,3 @@ def source_dtype_name(src) -> str:
     dtypes = {src.info(n)[0] for n in src.names}
     floats = [d for d in dtypes if d.is_floating_point]
     return str(floats[0]).removeprefix("torch.") if len(floats) == 1 else "float32"
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def n_blocks(numel: int, block: int) -> int:
-    return math.ceil(numel / block)

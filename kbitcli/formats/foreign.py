@@ -141,7 +141,8 @@ def describe(reader) -> dict:
             qparams += numel
             qbytes += info["bytes"]
             row.update(bits=info.get("bits"), block_size=info.get("block_size"), data_type=info["data_type"],
-                       double_quant=info.get("double_quant", False), orig_dtype=str(reader.orig_dtype(n)).removeprefix("torch."))
+                       double_quant=info.get("double_quant", False),
+                       orig_dtype=str(reader.orig_dtype(n)).removeprefix("torch."))
         else:
             row["dtype"] = info["data_type"]
         rows.append(row)
@@ -151,7 +152,15 @@ def describe(reader) -> dict:
             "quantized_tensors": sum(r["quantized"] for r in rows), "params": params, "quantized_params": qparams,
             "bytes": size, "bits_per_param_quantized": round(qbytes * 8 / qparams, 4) if qparams else None,
             "bits_per_param_model": round(size * 8 / params, 4) if params else None,
-            "files": [os.path.basename(f) for f in files], "manifest": False, "plan": rows}
+            "files": [os.path.basename(f) for f in files], "manifest": os.path.exists(manifest_path(reader)),
+            "plan": rows}
+
+
+def manifest_path(reader) -> str:
+    """Where kbit puts the manifest of an export: in the folder, or beside a single file."""
+    if os.path.isdir(reader.path):
+        return os.path.join(reader.path, "kbit_manifest.json")
+    return reader.path + ".manifest.json"
 
 
 def verify(reader) -> dict:
@@ -160,7 +169,7 @@ def verify(reader) -> dict:
     from kbitcli.formats.output import sha256_file
 
     folder = os.path.isdir(reader.path)
-    man_path = os.path.join(reader.path, "kbit_manifest.json") if folder else reader.path + ".manifest.json"
+    man_path = manifest_path(reader)
     man = read_json(man_path)
     if man is None:
         raise bad_input(f"{reader.path}: no kbit manifest ({os.path.basename(man_path)}); --verify checks files "
@@ -176,3 +185,44 @@ def verify(reader) -> dict:
     if bad:
         raise KbitError(f"{reader.path}: verification failed: {'; '.join(bad)}", exit_code=1)
     return {"ok": True, "files": len(man.get("outputs", []))}
+
+
+def load_dense(path: str, dtype: torch.dtype | None = None):
+    """(transformers model in eval mode, tokenizer or None) for a bnb / compressed-tensors / GGUF checkpoint, its
+    weights dequantized by kbit's readers: what `kbit bench` and `kbit generate` can run for any of them without
+    bitsandbytes, compressed-tensors or llama.cpp. None if path is none of those formats."""
+    reader = open_foreign(path)
+    if reader is None:
+        return None
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers import initialization as hf_init
+
+    from kbitcli.models.load import model_class, params_on_meta
+
+    raw = {k: v for k, v in (reader.config or {}).items() if k != "quantization_config"}
+    if "model_type" not in raw:
+        raise bad_input(f"{path}: no config.json with a model_type; cannot build the model")
+    config = AutoConfig.for_model(**raw)
+    with params_on_meta(), hf_init.no_init_weights():  # parameters cost nothing until assigned; buffers stay real
+        model = model_class(config)._from_config(config)
+    keys = set(model.state_dict())
+    state = {}
+    for n in reader.names:
+        if n in keys:
+            state[n] = reader.tensor(n, dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    meta = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
+    if meta:
+        raise bad_input(f"{path}: the checkpoint has no tensor for {meta[0]!r} ({len(meta)} missing)")
+    if dtype is not None:
+        model.to(dtype)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if reader.format == "gguf":
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(reader.path)) \
+            if reader.meta.get("tokenizer.ggml.tokens") else None
+    else:
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+        has = any(os.path.exists(os.path.join(folder, f)) for f in names)
+        tok = AutoTokenizer.from_pretrained(folder) if has else None
+    return model.eval(), tok

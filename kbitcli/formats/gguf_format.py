@@ -16,6 +16,7 @@ rotary embedding expects them. The reader (GgufCheckpoint, formats/gguf_reader.p
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -24,7 +25,7 @@ import torch
 
 from kbitcli import __version__
 from kbitcli.errors import bad_input
-from kbitcli.formats.export_common import Item, manifest, module_glob, refuse, require_folder, result_dict, who, fix
+from kbitcli.formats.export_common import Item, fix, manifest, module_glob, refuse, require_folder, result_dict, who
 from kbitcli.formats.output import AtomicOutput, file_record
 
 DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int", "scale_search": 1}
@@ -66,7 +67,8 @@ def type_for(bits: int, variant: str) -> str:
 def check(plan, recipe, gguf_type: str | None, names: dict[str, str]) -> None:
     problems = []
     if gguf_type is not None and int(gguf_type[1]) != recipe.bits:
-        problems.append((f"--gguf-type {gguf_type} is {gguf_type[1]}-bit but the recipe/flags ask for {recipe.bits} bits",
+        problems.append((f"--gguf-type {gguf_type} is {gguf_type[1]}-bit but the recipe/flags ask for "
+                         f"{recipe.bits} bits",
                          f"--bits {gguf_type[1]}"))
     for t in plan.tensors:
         if t.name not in names:
@@ -161,12 +163,11 @@ def type_bytes(qtype: str, shape) -> int:
 
 # ---- tokenizer -------------------------------------------------------------------------------------------
 
-def vocab(folder: str, config: dict) -> dict | None:
+def vocab(folder: str, config: dict, n_vocab: int) -> dict | None:
     """tokens / scores / types of a SentencePiece-style (byte-fallback BPE) tokenizer.json, as llama.cpp's
     'llama' tokenizer wants them. SentencePiece lists pieces in score order, so a normal piece's score is minus
-    its rank among normal pieces (what tokenizer.model stores); control/byte/unknown pieces score 0."""
-    import json
-
+    its rank among normal pieces (what tokenizer.model stores); control/byte/unknown pieces score 0. Rows of the
+    embedding past the tokenizer's end get [PADn] tokens of type UNUSED, as convert_hf_to_gguf.py writes them."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(path):
         return None
@@ -179,11 +180,13 @@ def vocab(folder: str, config: dict) -> dict | None:
     for a in tj.get("added_tokens", []):
         by_id[a["id"]] = a["content"]
     special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
-    n = max(by_id) + 1
+    n = max(max(by_id) + 1, n_vocab)
     tokens, scores, types, rank = [], [], [], 0
     for i in range(n):
         tok = by_id.get(i, f"[PAD{i}]")
-        if tok == model.get("unk_token"):
+        if i not in by_id:
+            kind, score = 5, 0.0
+        elif tok == model.get("unk_token"):
             kind, score = 2, 0.0
         elif i in special:
             kind, score = 3, 0.0
@@ -196,6 +199,7 @@ def vocab(folder: str, config: dict) -> dict | None:
         types.append(kind)
     post = json.dumps(tj.get("post_processor") or {})
     ids = {k: config.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in ids.items()}  # some configs list several eos
     ids["unk"] = model["vocab"].get(model.get("unk_token")) if model.get("unk_token") else None
     add_bos = ids["bos"] is not None and by_id.get(ids["bos"], "\0") in post
     return {"tokens": tokens, "scores": scores, "types": types, "ids": ids, "add_bos": add_bos}
@@ -222,7 +226,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
         qtype = type_for(t.spec.bits, variant) if t.quantized else dense_type(t)
         items.append(Item(t, [(names[t.name], torch.uint8, (type_bytes(qtype, t.shape),))], qtype,
                           {"qtype": qtype, "gguf_name": names[t.name]}, {"gguf_name": names[t.name]}))
-    voc = vocab(src.path, src.config)
+    voc = vocab(src.path, src.config, cfg.vocab_size)
     notes = [] if voc else ["no SentencePiece-style tokenizer.json found: the GGUF carries no tokenizer, so llama.cpp "
                             "needs one supplied separately"]
     if len(tensors) < len(plan.tensors):
@@ -280,8 +284,6 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
             progress.advance(i.name, i.in_bytes())
         w.close()
         progress.stop()
-        import json
-
         with open(out.sidecar(dst + ".manifest.json"), "w") as fh:
             outputs = [{**file_record(out.tmp), "name": os.path.basename(dst)}]
             json.dump({**manifest("gguf", src, recipe_info, result), "outputs": outputs}, fh, indent=2)

@@ -91,11 +91,13 @@ class GgufCheckpoint:
     def hf_config(self) -> dict:
         m = self.meta
         hidden = int(m["llama.embedding_length"])
-        head_dim = int(m.get("llama.attention.key_length") or m.get("llama.rope.dimension_count") or hidden // self.n_head)
+        head_dim = int(m.get("llama.attention.key_length") or m.get("llama.rope.dimension_count")
+                       or hidden // self.n_head)
         tokens = m.get("tokenizer.ggml.tokens")
         vocab = m.get("llama.vocab_size") or (len(tokens) if tokens else self.shape("model.embed_tokens.weight")[0])
         cfg = {"architectures": [ARCHS["llama"]], "model_type": "llama", "hidden_size": hidden,
-               "intermediate_size": int(m["llama.feed_forward_length"]), "num_hidden_layers": int(m["llama.block_count"]),
+               "intermediate_size": int(m["llama.feed_forward_length"]),
+               "num_hidden_layers": int(m["llama.block_count"]),
                "num_attention_heads": self.n_head, "num_key_value_heads": self.n_head_kv, "head_dim": head_dim,
                "vocab_size": int(vocab), "max_position_embeddings": int(m.get("llama.context_length") or 2048),
                "rms_norm_eps": float(m.get("llama.attention.layer_norm_rms_epsilon") or 1e-5),

@@ -128,6 +128,13 @@ def load_model(path: str, *, dtype=None, device="cpu", model_cls=None, tokenizer
     if looks_kbit(path):
         model = _load_kbit(path, dt, model_cls)
     else:
+        from kbitcli.formats.foreign import load_dense as load_foreign
+
+        # bitsandbytes / compressed-tensors / GGUF checkpoints: their weights decoded by kbit's own readers
+        foreign = load_foreign(path, dt)
+        if foreign is not None:
+            model, tok = foreign
+            return model.to(device).eval(), (tok if tokenizer else None)
         model = _load_dense(path, dt, model_cls)
     model.to(device).eval()
     share_tables(m for m in model.modules() if isinstance(m, KbitLinear))  # .to() copies shared tables apart
@@ -148,12 +155,12 @@ def _load_dense(path: str, dtype, model_cls):
 
 def _load_kbit(path: str, dtype, model_cls):
     from transformers import GenerationConfig
+    from transformers import initialization as hf_init
     from transformers.pytorch_utils import Conv1D
 
     ck = KbitCheckpoint(path)
     config, quant = read_config(path)
     cls = model_class(config, model_cls)
-    from transformers import initialization as hf_init
 
     with params_on_meta(), hf_init.no_init_weights():
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
@@ -192,8 +199,7 @@ def _load_kbit(path: str, dtype, model_cls):
             dense_fallback.append(name)
         consumed.add(name)
 
-    kbit_modules = [m for m in model.modules() if isinstance(m, KbitLinear)]
-    share_tables(kbit_modules)
+    share_tables(m for m in model.modules() if isinstance(m, KbitLinear))
     model_keys = set(model.state_dict())
     unexpected = []
     for name in ck.names:

@@ -1,0 +1,160 @@
+"""--format gguf: the `gguf` package reads back what kbit writes (metadata, llama.cpp names, block types), and
+transformers' own GGUF loader (from_pretrained(..., gguf_file=...)) builds the same model kbit's reader does."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kbitcli.decode import decode
+from kbitcli.encode import encode
+from kbitcli.errors import KbitError
+from kbitcli.formats.foreign import open_foreign
+from kbitcli.formats.gguf_format import permute
+from kbitcli.formats.source import open_source
+from kbitcli.paths import TINYSTORIES_TEXT
+from kbitcli.recipes import Recipe, parse_override
+from interop_fixtures import logits, make_tiny_llama
+
+gguf = pytest.importorskip("gguf")
+SKIP_FFN_DOWN = parse_override("model.layers.*.mlp.down_proj=skip")  # stories260K's rows of 172 stay F32
+# per type: bits, and the SQNR (dB) it must reach on the tiny model's Gaussian weights (Q4 ~ 18, Q5 ~ 24, Q8 ~ 40)
+TYPES = {"Q4_0": (4, 16.0), "Q4_1": (4, 16.0), "Q5_0": (5, 22.0), "Q5_1": (5, 22.0), "Q8_0": (8, 38.0)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+def hf_model_from(reader):
+    """A transformers Llama built from kbit's reader: config it rebuilt, weights it dequantized."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**reader.config)).eval()
+    state = {n: reader.tensor(n, torch.float32) for n in reader.names}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return model
+
+
+@pytest.mark.parametrize("qtype", list(TYPES))
+def test_gguf_package_reads_back_every_type(tiny, tmp_path, qtype):
+    bits, min_sqnr = TYPES[qtype]
+    dst = str(tmp_path / "tiny.gguf")
+    encode(tiny, dst, Recipe(bits=bits, block_size=32, dtype="int", scale_search=1), fmt="gguf", gguf_type=qtype)
+    r = gguf.GGUFReader(dst)
+    field = lambda k: r.fields[k].contents()  # noqa: E731
+    cfg = json.load(open(os.path.join(tiny, "config.json")))
+    assert field("general.architecture") == "llama"
+    assert field("general.file_type") == gguf.LlamaFileType[f"MOSTLY_{qtype}"]
+    assert (field("llama.context_length"), field("llama.embedding_length"), field("llama.block_count"),
+            field("llama.feed_forward_length"), field("llama.attention.head_count"),
+            field("llama.attention.head_count_kv"), field("llama.rope.dimension_count")) == (256, 128, 2, 256, 4, 2, 32)
+    assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg["rms_norm_eps"])
+    assert field("tokenizer.ggml.model") == "llama" and len(field("tokenizer.ggml.tokens")) == 512
+    src = open_source(tiny)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    hf = {names.get_name(n, try_suffixes=(".weight",)): n for n in src.names}
+    assert {t.name for t in r.tensors} == set(hf)  # llama.cpp's names: token_embd, blk.N.attn_q, output, ...
+    sig = noise = 0.0
+    for t in r.tensors:
+        w = src.get(hf[t.name]).float()
+        if t.name.endswith("attn_q.weight"):
+            w = permute(w, 4, 4)  # llama.cpp's rotary row order, as convert_hf_to_gguf.py writes it
+        elif t.name.endswith("attn_k.weight"):
+            w = permute(w, 4, 2)
+        back = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(w.shape)
+        if w.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(back, w)
+            continue
+        quantized = hf[t.name] not in ("model.embed_tokens.weight", "lm_head.weight")
+        assert t.tensor_type == (gguf.GGMLQuantizationType[qtype] if quantized else gguf.GGMLQuantizationType.F32)
+        if quantized:  # llama.cpp's reference rounding, bit for bit
+            ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
+            assert np.array_equal(np.array(t.data), ref), t.name
+            sig += w.double().pow(2).sum().item()
+            noise += (w - back).double().pow(2).sum().item()
+    assert 10 * math.log10(sig / noise) > min_sqnr
+
+
+def test_transformers_gguf_loader_equals_kbit_reader(stories_dir, tmp_path):
+    """stories260K (FFN down kept F32: rows of 172) through each type: transformers' GGUF loader and kbit's reader
+    give the same logits, and the tokenizer in the file tokenizes like the original."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for qtype, (bits, _) in TYPES.items():
+        dst = tmp_path / f"s-{qtype}.gguf"
+        encode(stories_dir, str(dst), Recipe(bits=bits, block_size=32, dtype="int", scale_search=1,
+                                             overrides=[SKIP_FFN_DOWN]), fmt="gguf", gguf_type=qtype)
+        theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=dst.name)
+        diff = (logits(theirs) - logits(hf_model_from(open_foreign(str(dst))))).abs().max().item()
+        assert diff < 1e-5, (qtype, diff)
+    # stories260K's tokenizer.json also strips outer spaces (llama.cpp's SPM tokenizer keeps them): compare text
+    # without them
+    text = open(TINYSTORIES_TEXT).read()[:6000].strip()
+    ref = AutoTokenizer.from_pretrained(stories_dir)(text).input_ids
+    assert AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="s-Q8_0.gguf")(text).input_ids == ref
+
+
+def test_decode_gguf_gives_a_transformers_folder(stories_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dst = tmp_path / "s.gguf"
+    encode(stories_dir, str(dst), Recipe(bits=8, block_size=32, dtype="int", scale_search=1,
+                                         overrides=[SKIP_FFN_DOWN]), fmt="gguf")
+    decode(str(dst), str(tmp_path / "dense"), "fp32")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "dense"))
+    dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"))
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="s.gguf")
+    assert (logits(dense) - logits(theirs)).abs().max().item() < 1e-5
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "dense"))
+    assert tok("Once upon a time").input_ids == AutoTokenizer.from_pretrained(stories_dir)("Once upon a time").input_ids
+
+
+def test_keeping_a_tensor_dense_is_shown_in_the_plan(stories_dir, tmp_path):
+    r = encode(stories_dir, str(tmp_path / "x.gguf"), Recipe(bits=4, block_size=32, dtype="int", scale_search=1,
+                                                             overrides=[SKIP_FFN_DOWN]), fmt="gguf", dry_run=True)
+    rows = {p["name"]: p for p in r["plan"]}
+    assert rows["model.layers.0.mlp.down_proj.weight"]["dtype"] == "F32"
+    assert rows["model.layers.0.mlp.up_proj.weight"]["data_type"] == "Q4_0"
+    assert rows["model.layers.0.mlp.up_proj.weight"]["gguf_name"] == "blk.0.ffn_up.weight"
+    assert rows["model.layers.0.mlp.up_proj.weight"]["bits_per_param"] == 4.5
+    assert not os.path.exists(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(recipe=Recipe(bits=4, block_size=32, dtype="int", scale_search=1)), ["rows of 172", "=skip"]),
+    (dict(recipe=Recipe(bits=4, block_size=64, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN])),
+     ["Q4_0 uses blocks of 32", "--block-size 32"]),
+    (dict(recipe=Recipe(bits=3, block_size=32, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN])),
+     ["4, 5 or 8 bits", "--bits 4"]),
+    (dict(recipe=Recipe(bits=4, block_size=32, dtype="nf", scale_search=1, overrides=[SKIP_FFN_DOWN])),
+     ["integer grid", "--dtype int"]),
+    (dict(recipe=Recipe(bits=4, block_size=32, dtype="int", scale_search=4, overrides=[SKIP_FFN_DOWN])),
+     ["scale search", "--scale-search 1"]),
+    (dict(recipe=Recipe(bits=8, block_size=32, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN]),
+          gguf_type="Q4_1"), ["Q4_1 is 4-bit", "--bits 4"]),
+    (dict(recipe=Recipe(bits=4, block_size=32, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN]),
+          gguf_type="Q3_K"), ["Q4_0, Q4_1"]),
+])
+def test_refuses_what_gguf_cannot_hold(stories_dir, tmp_path, kwargs, words):
+    with pytest.raises(KbitError) as e:
+        encode(stories_dir, str(tmp_path / "x.gguf"), kwargs["recipe"], fmt="gguf", gguf_type=kwargs.get("gguf_type"))
+    assert e.value.exit_code == 2 and all(w in str(e.value) for w in words), str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_refuses_non_llama_and_non_gguf_destination(minilm_dir, stories_dir, tmp_path):
+    with pytest.raises(KbitError, match="Llama-architecture"):
+        encode(minilm_dir, str(tmp_path / "m.gguf"), Recipe(bits=4, block_size=32, dtype="int", scale_search=1),
+               fmt="gguf")
+    with pytest.raises(KbitError, match="one file"):
+        encode(stories_dir, str(tmp_path / "folder"), Recipe(bits=4, block_size=32, dtype="int", scale_search=1,
+                                                             overrides=[SKIP_FFN_DOWN]), fmt="gguf")
+    assert os.listdir(tmp_path) == []

@@ -44,7 +44,13 @@ ENCODES = [  # (label, recipe keyword arguments)
 # ----------------------------------------------------------------------------------------------- child side
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
+    exec(), so a child would report its parent's peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kilobytes too
 
 
 def child(job: dict) -> dict:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
 
 from kbitcli.errors import bad_input
-from kbitcli.formats.kbit_format import MANIFEST, KbitCheckpoint, shard_names
+from kbitcli.formats.kbit_format import KbitCheckpoint, shard_names
 from kbitcli.formats.output import AtomicOutput, check_destination
 from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
+from kbitcli.formats.source import copy_side_files
 from kbitcli.plan import assign_shards, parse_size
 from kbitcli.progress import NullProgress
 
@@ -91,11 +91,7 @@ def decode(src: str, dst: str, dtype: str | None = None, *, force: bool = False,
             if hasattr(ck, "write_side_files"):  # a GGUF file: the tokenizer is rebuilt from its metadata
                 ck.write_side_files(out.tmp)
             else:
-                for f in sorted(os.listdir(ck.path)):
-                    full = os.path.join(ck.path, f)
-                    if (os.path.isfile(full) and not f.endswith((".safetensors", ".gguf")) and f not in
-                            (MANIFEST, "config.json", "model.safetensors.index.json")):
-                        shutil.copy2(full, os.path.join(out.tmp, f))
+                copy_side_files(ck.path, out.tmp)
             if ck.config is not None:
                 cfg = {k: v for k, v in ck.config.items() if k != "quantization_config"}
                 if want is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -14,9 +13,9 @@ from kbitcli import __version__
 from kbitcli.core.blockwise import quantize
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import FORMAT_VERSION, MANIFEST, file_metadata, shard_names, tensor_meta
-from kbitcli.formats.output import AtomicOutput, check_destination, file_record
+from kbitcli.formats.output import AtomicOutput, check_destination, file_record, hash_in_background, folder_records
 from kbitcli.formats.safetensors_stream import PlannedFile, planned_file_size
-from kbitcli.formats.source import Source, open_source
+from kbitcli.formats.source import Source, copy_side_files, open_source
 from kbitcli.plan import Plan, make_plan, parse_size
 from kbitcli.progress import NullProgress
 from kbitcli.recipes import Recipe
@@ -113,6 +112,8 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     names = shard_names(len(plan.shards))
     with AtomicOutput(dst, folder=folder, force=force) as out:
         files = []
+        for f in src.files:  # the manifest's sha256 of the input, computed while we quantize
+            hash_in_background(f)
         progress.start("encode", summary["bytes_in"], summary["tensors"])
         for shard, fname, (used, entries, metadata) in zip(plan.shards, names, layouts):
             path = os.path.join(out.tmp, fname) if folder else out.tmp
@@ -136,6 +137,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
                 pf.close()
             finally:
                 pf.abort()
+            hash_in_background(path)
             files.append(path)
         progress.stop()
         root = out.tmp
@@ -149,12 +151,11 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
                 weight_map = {key: fname for shard, fname in zip(plan.shards, names) for t in shard for key, _, _ in t.outputs()}
                 with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
                     json.dump({"metadata": {"total_size": data_bytes, "format": "kbit"}, "weight_map": weight_map}, fh, indent=2)
-            for side in src.side_files():
-                shutil.copy2(side, os.path.join(out.tmp, os.path.basename(side)))
+            copy_side_files(src.path, out.tmp)
             if src.config is not None:
                 with open(os.path.join(out.tmp, "config.json"), "w") as fh:
                     json.dump({**src.config, "quantization_config": quantization_config(plan)}, fh, indent=2)
-            manifest["outputs"] = [file_record(os.path.join(root, f), root) for f in sorted(os.listdir(root))]
+            manifest["outputs"] = folder_records(root)
             man_path = os.path.join(out.tmp, MANIFEST)
         else:
             manifest["outputs"] = [{**file_record(out.tmp), "name": os.path.basename(dst)}]

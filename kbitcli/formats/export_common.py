@@ -14,22 +14,21 @@ import importlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 
 import torch
 
 from kbitcli import __version__
 from kbitcli.errors import bad_input
-from kbitcli.formats.kbit_format import shard_names
-from kbitcli.formats.output import AtomicOutput, file_record
+from kbitcli.formats.kbit_format import MANIFEST, shard_names
+from kbitcli.formats.output import AtomicOutput, file_record, folder_records
 from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
+from kbitcli.formats.source import copy_side_files
 from kbitcli.plan import Plan, TensorPlan, assign_shards
 
 FORMATS = ("kbit", "bnb", "compressed-tensors", "gguf")
 MODULES = {"bnb": "kbitcli.formats.bnb", "compressed-tensors": "kbitcli.formats.compressed_tensors",
            "gguf": "kbitcli.formats.gguf_format"}
-MANIFEST = "kbit_manifest.json"
 
 
 def check_format(fmt: str) -> str:
@@ -204,13 +203,13 @@ def write_hf_folder(src, dst: str, items: list[Item], produce, config: dict, *, 
             total = sum(i.out_bytes() for i in items)
             with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
-        for side in src.side_files():
-            if os.path.basename(side) != MANIFEST:
-                shutil.copy2(side, os.path.join(out.tmp, os.path.basename(side)))
+        if src.is_folder:
+            copy_side_files(src.path, out.tmp)
         with open(os.path.join(out.tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
-        files = sorted(os.listdir(out.tmp))
-        meta = {**meta, "outputs": [file_record(os.path.join(out.tmp, f), out.tmp) for f in files]}
+        records = folder_records(out.tmp)
+        files = [r["name"] for r in records]
+        meta = {**meta, "outputs": records}
         with open(os.path.join(out.tmp, MANIFEST), "w") as fh:
             json.dump(meta, fh, indent=2)
     return files + [MANIFEST]

@@ -21,6 +21,7 @@ from kbitcli.formats.source import _short, open_safetensors
 
 FORMAT_VERSION = 1
 MANIFEST = "kbit_manifest.json"
+REMAP_BYTES = 64 << 20
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
@@ -72,6 +73,7 @@ class KbitCheckpoint:
             files = [path]
         self.files = files
         self.handles = {}
+        self._read: dict[str, int] = {}  # bytes read through each handle since it was opened
         self.names: list[str] = []  # original tensor names, file order
         self.meta: dict[str, dict | None] = {}  # name -> quantization metadata (None: dense)
         self.where: dict[str, str] = {}  # key -> file
@@ -130,7 +132,14 @@ class KbitCheckpoint:
     def _get(self, key: str) -> torch.Tensor:
         if key not in self.where:
             raise bad_input(f"{self.path}: tensor {key!r} is missing; the checkpoint is damaged")
-        return self.handles[self.where[key]].get_tensor(key)
+        f = self.where[key]
+        t = self.handles[f].get_tensor(key)
+        # safe_open memory-maps the file, and the pages a read touches stay resident (counted in RSS) while
+        # the mapping lives: re-open after every REMAP_BYTES read so memory does not grow with the model
+        self._read[f] = self._read.get(f, 0) + t.nbytes
+        if self._read[f] > REMAP_BYTES:
+            self.handles[f], self._read[f] = open_safetensors(f), 0
+        return t
 
     def is_quantized(self, name: str) -> bool:
         return self.meta[name] is not None

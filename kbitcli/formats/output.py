@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
+import threading
 
 from kbitcli.errors import bad_input
 
@@ -71,7 +73,49 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+# Hashing for the manifest can run beside the work: hashlib releases the GIL, so on two cores the sha256
+# of the input (and of each finished shard) costs no wall time while tensors are quantized. One daemon
+# thread (it never holds up Ctrl-C) works through the queue; sha256_file() takes a result from it when the
+# same file (path, size, mtime) was queued, else hashes on the spot.
+_queued: dict[tuple, dict] = {}
+_jobs: queue.Queue | None = None
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def hash_in_background(path: str) -> None:
+    global _jobs
+    if _jobs is None:
+        _jobs = queue.Queue()
+        threading.Thread(target=_hash_worker, args=(_jobs,), daemon=True, name="kbit-sha256").start()
+    slot = {"done": threading.Event()}
+    _queued[_file_key(path)] = slot
+    _jobs.put((path, slot))
+
+
+def _hash_worker(jobs: queue.Queue) -> None:
+    while True:
+        path, slot = jobs.get()
+        try:
+            slot["sha256"] = _sha256_now(path)
+        except OSError:
+            pass  # gone or unreadable: sha256_file hashes (and reports) it itself
+        slot["done"].set()
+
+
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    slot = _queued.pop(_file_key(path), None)
+    if slot is not None:
+        slot["done"].wait()
+        if "sha256" in slot:
+            return slot["sha256"]
+    return _sha256_now(path, chunk)
+
+
+def _sha256_now(path: str, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while True:
@@ -85,3 +129,9 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 def file_record(path: str, root: str | None = None) -> dict:
     return {"name": os.path.relpath(path, root) if root else os.path.basename(path),
             "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def folder_records(root: str) -> list[dict]:
+    """file_record of every file under root (sub-folders too), by relative path, sorted."""
+    paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+    return [file_record(p, root) for p in sorted(paths)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -75,20 +76,45 @@ class Source:
     def get(self, name: str) -> torch.Tensor:
         h = self._handle(self.where[name])
         try:
-            return h[name] if isinstance(h, dict) else h.get_tensor(name)
+            if isinstance(h, dict):
+                return h[name]
+            # A fresh handle per tensor: safe_open memory-maps the file and every page a read touches stays
+            # resident (counted in RSS) while the mapping lives, so one long-lived handle grows to the whole
+            # file. Dropping the handle unmaps them: memory stays at about one tensor, whatever the model.
+            with safe_open(self.where[name], framework="pt") as fresh:
+                return fresh.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise bad_input(f"{self.where[name]}: cannot read tensor {name!r} ({_short(e)}); the file is damaged") from None
 
     def side_files(self) -> list[str]:
-        """Small non-weight files of a folder (tokenizer, generation config, README...) to copy along."""
-        if not self.is_folder:
-            return []
-        out = []
-        for f in sorted(os.listdir(self.path)):
-            full = os.path.join(self.path, f)
-            if os.path.isfile(full) and f not in SIDE_FILE_SKIP and not f.endswith(WEIGHT_SUFFIXES):
-                out.append(full)
-        return out
+        """Small non-weight files and folders (tokenizer, generation config, README, sentence-transformers'
+        `1_Pooling/`...) of a model folder, to copy along."""
+        return side_files(self.path) if self.is_folder else []
+
+
+def side_files(folder: str) -> list[str]:
+    """Top-level entries of a model folder that are neither weights, indexes, config.json nor manifests."""
+    out = []
+    for f in sorted(os.listdir(folder)):
+        full = os.path.join(folder, f)
+        if f.startswith(".") or f in SIDE_FILE_SKIP or f.endswith(WEIGHT_SUFFIXES + (".gguf", ".manifest.json")):
+            continue
+        if os.path.isfile(full) or (os.path.isdir(full) and not _holds_weights(full)):
+            out.append(full)
+    return out
+
+
+def _holds_weights(folder: str) -> bool:
+    return any(f.endswith(WEIGHT_SUFFIXES + (".gguf",)) for _, _, files in os.walk(folder) for f in files)
+
+
+def copy_side_files(folder: str, dst_folder: str) -> None:
+    for side in side_files(folder):
+        target = os.path.join(dst_folder, os.path.basename(side))
+        if os.path.isdir(side):
+            shutil.copytree(side, target)
+        else:
+            shutil.copy2(side, target)
 
 
 def _folder_files(path: str) -> list[str]:

@@ -1,22 +1,24 @@
 """Encode / decode throughput and peak memory on a >= 1 GB checkpoint, against plain safetensors, in one run.
 
-    .venv/bin/python benchmarks/encode_throughput.py [--json] [--cache DIR] [--threads N]
+    .venv/bin/python benchmarks/encode_throughput.py [--json] [--cache DIR]      (`make bench`)
 
-The checkpoint is a Llama architecture (transformers LlamaConfig; 20 layers, hidden 1024, FFN 2816, vocab
-32000: 289M parameters, 1.16 GB in fp32) with transformers' random initialisation, saved with
-save_pretrained(safe_serialization=True) in 500 MB shards. It is built once and cached outside the repo
-(default: $TMPDIR/kbit-bench). Random weights are fine for a throughput and memory benchmark — the shapes
-and byte counts are those of a real model — but say nothing about quality (see `kbit bench error`).
+The checkpoint is a Llama architecture (transformers LlamaConfig: 20 layers, hidden 1024, FFN 2816, 16 heads,
+4 KV heads, vocab 32000, untied lm_head: 289M parameters, 1.16 GB in fp32) with transformers' own random
+initialisation, saved with save_pretrained(safe_serialization=True) in 500 MB shards. It is built once and
+cached outside the repo (default $TMPDIR/kbit-bench). Random weights are fine for a throughput and memory
+benchmark — the tensor shapes and byte counts are those of a real model — but say nothing about quality
+(`kbit bench error` measures that on real weights).
 
-Every measurement runs in its own child process, so each one's peak RSS (getrusage ru_maxrss, which includes
-the pages of the memory-mapped input it touched) is its own:
-  baseline  safetensors: safe_open(...).get_tensor(n) for every tensor + save_file(...) per shard + fsync
-            (kbit fsyncs what it writes too), the least a converter must do with the same files;
-  encode    kbitcli.encode.encode(...) with several recipes (progress off; sha256 of inputs and outputs for
-            the manifest included, as `kbit encode` does it);
-  decode    kbitcli.decode.decode(...) of the nf4 output back to fp32 safetensors.
-MB/s is always MB of the fp32 checkpoint per second of wall time (decode: of the dense fp32 it writes).
-A second, 0.31 GB model (same layer shapes, 1 layer) is encoded too: peak RSS must not grow with model size.
+Every measurement runs in a child process of its own, so its peak RSS (VmHWM: it includes the pages of the
+memory-mapped input that the process touched) is its own:
+  baseline   safe_open(...).get_tensor(n) for every tensor + save_file(...) per shard + fsync (kbit fsyncs what
+             it writes too): the least any converter does with the same files;
+  encode     kbitcli.encode.encode(src, dst, Recipe(...)) — the whole `kbit encode` path, sha256 of input and
+             output for the manifest included;
+  decode     kbitcli.decode.decode(nf4 output, dst, "fp32") back to dense safetensors.
+MB/s is MB of the fp32 checkpoint per second of wall time (for decode: of the fp32 it writes). The same
+encode and decode also run on a 1-layer model of the same widths (0.31 GB): peak RSS must not grow with the
+model. Timings on a machine shared with other work are lower bounds; the load average is printed with them.
 """
 
 from __future__ import annotations
@@ -24,85 +26,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-GB = 1e9
-LAYERS = {"1.16 GB": 20, "0.31 GB": 1}
-ENCODES = [  # (label, recipe keyword arguments)
-    ("kbit encode nf4 b64 (scale search 4, default)", dict(bits=4, block_size=64, dtype="nf")),
-    ("kbit encode nf4 b64, plain absmax", dict(bits=4, block_size=64, dtype="nf", scale_search=1)),
-    ("kbit encode nf4 b64 + double quant", dict(bits=4, block_size=64, dtype="nf", double_quant=True)),
-    ("kbit encode int8 b64", dict(bits=8, block_size=64, dtype="int", scale_search=1)),
+BIG, SMALL = "1.16 GB", "0.31 GB"
+LAYERS = {BIG: 20, SMALL: 1}
+NF4 = dict(bits=4, block_size=64, dtype="nf")  # scale_search: the recipe default (4 candidates per block)
+ENCODES = [  # (label, Recipe keyword arguments)
+    ("encode nf4 b64", NF4),
+    ("encode nf4 b64, scale_search 1", {**NF4, "scale_search": 1}),
+    ("encode nf4 b64 + double quant", {**NF4, "double_quant": True}),
+    ("encode int8 b64", dict(bits=8, block_size=64, dtype="int", scale_search=1)),
 ]
 
 
 # ----------------------------------------------------------------------------------------------- child side
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
-    exec(), so a child would report its parent's peak."""
+def peak_rss_mb() -> float:
+    """This process's peak resident set. Not getrusage's ru_maxrss: Linux carries that across exec(), so a
+    child would report its parent's peak."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kilobytes too
+    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
 
 
-def child(job: dict) -> dict:
-    """Runs in a fresh process: one measurement, returned as a dict (printed as the last line of stdout)."""
-    import torch
-
-    torch.set_num_threads(job["threads"])
-    started_rss = _peak_rss_mb()  # the interpreter + torch (+ kbit) before any work
-    t0 = time.perf_counter()
-    if job["op"] == "baseline":
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
-        os.makedirs(job["dst"])
-        for f in sorted(os.listdir(job["src"])):
-            if not f.endswith(".safetensors"):
-                continue
-            with safe_open(os.path.join(job["src"], f), framework="pt") as fh:
-                tensors = {n: fh.get_tensor(n) for n in fh.keys()}
-                metadata = fh.metadata()
-            out = os.path.join(job["dst"], f)
-            save_file(tensors, out, metadata=metadata)
-            del tensors
-            with open(out, "rb+") as fh:
-                os.fsync(fh.fileno())
-    elif job["op"] == "encode":
-        from kbitcli.encode import encode
-        from kbitcli.recipes import Recipe
-
-        encode(job["src"], job["dst"], Recipe(**job["recipe"]), force=True)
-    elif job["op"] == "decode":
-        from kbitcli.decode import decode
-
-        decode(job["src"], job["dst"], "fp32", force=True)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "startup_rss_mb": started_rss}
-
-
-# ---------------------------------------------------------------------------------------------- parent side
-
-def folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-
-
-def build_model(path: str, layers: int, say) -> None:
-    """A Llama checkpoint with random weights, saved as transformers saves any model (cached)."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        return
+def build_model(path: str, layers: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    say(f"building a {layers}-layer random-init Llama checkpoint in {path} (once; cached)")
     config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
                          num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -113,87 +69,148 @@ def build_model(path: str, layers: int, say) -> None:
     os.replace(tmp, path)
 
 
+def safetensors_copy(src: str, dst: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    os.makedirs(dst)
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(src, f), framework="pt") as fh:
+                tensors = {n: fh.get_tensor(n) for n in fh.keys()}
+                metadata = fh.metadata()
+            save_file(tensors, os.path.join(dst, f), metadata=metadata)
+            del tensors
+            with open(os.path.join(dst, f), "rb+") as out:
+                os.fsync(out.fileno())
+
+
+def child(job: dict) -> dict:
+    """One measurement in a fresh process; the parent reads the dict from the last line of stdout."""
+    if job["op"] == "build":
+        build_model(job["dst"], job["layers"])
+        return {}
+    import torch  # noqa: F401  (imported before the clock starts, as the kbit CLI has it loaded too)
+
+    if job["op"] == "encode":
+        from kbitcli.encode import encode
+        from kbitcli.recipes import Recipe
+    elif job["op"] == "decode":
+        from kbitcli.decode import decode
+    startup = peak_rss_mb()
+    t0 = time.perf_counter()
+    if job["op"] == "baseline":
+        safetensors_copy(job["src"], job["dst"])
+    elif job["op"] == "encode":
+        encode(job["src"], job["dst"], Recipe(**job["recipe"]))
+    elif job["op"] == "decode":
+        decode(job["src"], job["dst"], "fp32")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "startup_rss_mb": startup}
+
+
+# ---------------------------------------------------------------------------------------------- parent side
+
 def run_child(job: dict) -> dict:
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{job['op']} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    shutil.rmtree(job["dst"], ignore_errors=True) if not job.get("keep") else None
-    return result
+        raise SystemExit(f"benchmark step {job['op']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def safetensors_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def run(cache: str, say) -> dict:
+    os.makedirs(cache, exist_ok=True)
+    models = {}
+    for label, layers in LAYERS.items():
+        models[label] = os.path.join(cache, f"llama-random-{layers}L-fp32")
+        if not os.path.exists(os.path.join(models[label], "config.json")):
+            say(f"building the {label} random-init Llama checkpoint in {models[label]} (once; it is cached)")
+            run_child({"op": "build", "dst": models[label], "layers": layers})
+    size = {label: safetensors_bytes(path) for label, path in models.items()}
+    out, kept = os.path.join(cache, "out"), os.path.join(cache, "out-nf4")
+    for leftover in (out, kept):
+        shutil.rmtree(leftover, ignore_errors=True)
+    rows = []
+    load_before = os.getloadavg()[0]
+
+    def measure(run_name: str, model: str, job: dict, keep: bool = False) -> None:
+        say(f"{run_name} ({model}) ...")
+        dst = kept if keep else out
+        r = run_child({**job, "dst": dst})
+        written = safetensors_bytes(dst)
+        if not keep:
+            shutil.rmtree(dst, ignore_errors=True)
+        moved = size[model]  # the fp32 checkpoint read (encode, baseline) or written (decode)
+        rows.append({"run": run_name, "model": model, "seconds": round(r["seconds"], 3),
+                     "mb_per_s": round(moved / 1e6 / r["seconds"], 1), "output_gb": round(written / 1e9, 3),
+                     "peak_rss_mb": round(r["peak_rss_mb"]), "startup_rss_mb": round(r["startup_rss_mb"]),
+                     "peak_rss_over_file_size": round(r["peak_rss_mb"] * 2**20 / size[model], 3)})
+
+    for model in (BIG, SMALL):
+        if model == BIG:
+            measure("baseline: safetensors load + save", model, {"op": "baseline", "src": models[model]})
+        for i, (name, recipe) in enumerate(ENCODES if model == BIG else ENCODES[:1]):
+            measure(name, model, {"op": "encode", "src": models[model], "recipe": recipe}, keep=i == 0)
+        measure("decode nf4 b64 -> fp32", model, {"op": "decode", "src": kept})
+        shutil.rmtree(kept, ignore_errors=True)
+    base = rows[0]["mb_per_s"]
+    for row in rows:
+        row["vs_baseline"] = round(row["mb_per_s"] / base, 3)
+    rss = {(r["run"], r["model"]): r["peak_rss_mb"] for r in rows}
+    return {
+        "checkpoint": "Llama architecture, transformers random init, fp32 safetensors in 500 MB shards "
+                      "(throughput/memory only, not a quality result)",
+        "bytes": size, "cpus": os.cpu_count(), "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "runs": rows,
+        "peak_rss_growth_mb": {what: rss[(what, BIG)] - rss[(what, SMALL)]
+                               for what in (ENCODES[0][0], "decode nf4 b64 -> fp32")},
+    }
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    big = result["bytes"][BIG] / 1e9
+    table = Table(title=f"kbit encode / decode vs plain safetensors — random-init Llama, {big:.2f} GB fp32, "
+                        f"{result['cpus']} CPUs, load average {result['load_average'][0]} -> {result['load_average'][1]}")
+    for col in ("run", "model", "seconds", "MB/s", "vs baseline", "output GB", "peak RSS MB", "RSS / file"):
+        table.add_column(col, justify="left" if col in ("run", "model") else "right")
+    for r in result["runs"]:
+        table.add_row(r["run"], r["model"], f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}", f"{r['vs_baseline']:.2f}x",
+                      f"{r['output_gb']:.2f}", f"{r['peak_rss_mb']}", f"{r['peak_rss_over_file_size']:.2f}")
+    console.print(table)
+    growth = ", ".join(f"{what}: {mb:+d} MB" for what, mb in result["peak_rss_growth_mb"].items())
+    start = result["runs"][1]["startup_rss_mb"]
+    console.print(f"Peak RSS from the {SMALL} to the {BIG} model (3.7x the weights): {growth}. Each process starts "
+                  f"at ~{start} MB (Python + torch + kbit). nf4 runs use the recipe default scale_search 4 unless "
+                  "marked; int8 uses 1, as recipes/int8.yaml does. Weights are random: a throughput and memory "
+                  "benchmark, not a quality one.")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "kbit-bench"),
-                    help="where the checkpoints are built once and outputs are written (not in the repo)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every child (default: all cores)")
+                    help="where the checkpoints are built (once) and outputs written; not in the repo")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-
     from rich.console import Console
-    from rich.table import Table
 
     err = Console(stderr=True)
-    say = (lambda m: None) if args.json else (lambda m: err.print(f"[dim]{m}[/dim]"))
-    os.makedirs(args.cache, exist_ok=True)
-    models = {}
-    for label, layers in LAYERS.items():
-        models[label] = os.path.join(args.cache, f"llama-random-{layers}L-fp32")
-        build_model(models[label], layers, say)
-    big, small = models["1.16 GB"], models["0.31 GB"]
-    size = {label: folder_bytes(path) for label, path in models.items()}
-    out = os.path.join(args.cache, "out")
-    shutil.rmtree(out, ignore_errors=True)
-
-    rows = []
-
-    def measure(name: str, model: str, job: dict, bytes_moved: int) -> dict:
-        say(f"{name} on the {model} model ...")
-        r = run_child({**job, "threads": args.threads})
-        row = {"run": name, "model": model, "mb": bytes_moved / 1e6, "seconds": r["seconds"],
-               "mb_per_s": bytes_moved / 1e6 / r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
-               "startup_rss_mb": r["startup_rss_mb"], "rss_over_file": r["peak_rss_mb"] * 2**20 / size[model]}
-        rows.append(row)
-        return row
-
-    base = measure("baseline: safetensors load + save", "1.16 GB", {"op": "baseline", "src": big, "dst": out}, size["1.16 GB"])
-    for name, recipe in ENCODES:
-        keep = recipe == ENCODES[0][1]
-        measure(name, "1.16 GB", {"op": "encode", "src": big, "dst": out + "-nf4" if keep else out, "recipe": recipe,
-                                  "keep": keep}, size["1.16 GB"])
-    measure("kbit decode nf4 -> fp32", "1.16 GB", {"op": "decode", "src": out + "-nf4", "dst": out}, size["1.16 GB"])
-    shutil.rmtree(out + "-nf4", ignore_errors=True)
-    measure(ENCODES[0][0], "0.31 GB", {"op": "encode", "src": small, "dst": out, "recipe": ENCODES[0][1]}, size["0.31 GB"])
-    for row in rows:
-        row["speed_vs_baseline"] = row["mb_per_s"] / base["mb_per_s"]
-
-    big_rss = rows[1]["peak_rss_mb"]
-    small_rss = rows[-1]["peak_rss_mb"]
-    summary = {"model": "Llama architecture, random init (transformers LlamaConfig), fp32 safetensors shards of 500 MB",
-               "bytes": size, "threads": args.threads, "cpus": os.cpu_count(), "runs": rows,
-               "peak_rss_growth_0.31GB_to_1.16GB_mb": big_rss - small_rss}
+    result = run(args.cache, (lambda m: None) if args.json else (lambda m: err.print(f"[dim]{m}[/dim]")))
     if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-
-    console = Console()
-    table = Table(title=f"kbit encode / decode throughput — random-init Llama, {size['1.16 GB'] / GB:.2f} GB fp32 "
-                        f"({args.threads} torch threads, {os.cpu_count()} CPUs)")
-    for col in ("run", "model", "seconds", "MB/s", "vs baseline", "peak RSS MB", "RSS / file size"):
-        table.add_column(col, justify="left" if col in ("run", "model") else "right")
-    for r in rows:
-        table.add_row(r["run"], r["model"], f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}", f"{r['speed_vs_baseline']:.2f}x",
-                      f"{r['peak_rss_mb']:.0f}", f"{r['rss_over_file']:.2f}")
-    console.print(table)
-    console.print(f"Peak RSS of `{ENCODES[0][0]}`: {small_rss:.0f} MB on the 0.31 GB model, {big_rss:.0f} MB on the "
-                  f"1.16 GB one ({big_rss - small_rss:+.0f} MB for 3.7x the weights). Processes start at "
-                  f"~{rows[1]['startup_rss_mb']:.0f} MB (Python + torch). Weights are random: a throughput and memory "
-                  "benchmark, not a quality one.")
+        print(json.dumps(result))
+    else:
+        print_table(result)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -13,6 +14,7 @@ from kbitcli.formats.kbit_format import KbitCheckpoint, shard_names
 from kbitcli.formats.output import AtomicOutput, check_destination
 from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
 from kbitcli.formats.source import copy_side_files
+from kbitcli.parallel import default_workers, ordered_map, single_threaded_torch
 from kbitcli.plan import assign_shards, parse_size
 from kbitcli.progress import NullProgress
 
@@ -76,9 +78,13 @@ def decode(src: str, dst: str, dtype: str | None = None, *, force: bool = False,
             path = os.path.join(out.tmp, fname) if folder else out.tmp
             pf = PlannedFile(path, [(e.name, e.dtype, e.shape) for e in shard], {"format": "pt"})
             try:
-                for e in shard:
-                    pf.put(e.name, ck.tensor(e.name, e.dtype).reshape(e.shape).to(e.dtype))
-                    progress.advance(e.name, e.out_bytes())
+                # native checkpoints: a few tensors at once, one thread each (see kbitcli/parallel.py)
+                parallel = isinstance(ck, KbitCheckpoint)
+                with single_threaded_torch() if parallel else contextlib.nullcontext():
+                    dense = lambda e: ck.tensor(e.name, e.dtype).reshape(e.shape).to(e.dtype)  # noqa: E731
+                    for e, tensor in ordered_map(dense, shard, default_workers() if parallel else 1):
+                        pf.put(e.name, tensor)
+                        progress.advance(e.name, e.out_bytes())
                 pf.close()
             finally:
                 pf.abort()

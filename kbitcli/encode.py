@@ -16,6 +16,7 @@ from kbitcli.formats.kbit_format import FORMAT_VERSION, MANIFEST, file_metadata,
 from kbitcli.formats.output import AtomicOutput, check_destination, file_record, hash_in_background, folder_records
 from kbitcli.formats.safetensors_stream import PlannedFile, planned_file_size
 from kbitcli.formats.source import Source, copy_side_files, open_source
+from kbitcli.parallel import default_workers, ordered_map, single_threaded_torch
 from kbitcli.plan import Plan, make_plan, parse_size
 from kbitcli.progress import NullProgress
 from kbitcli.recipes import Recipe
@@ -60,6 +61,19 @@ def shard_layout(plan: Plan, shard: list) -> tuple[dict, list, dict]:
     used = plan.shared_codebooks(shard)
     entries = [e for t in shard for e in t.outputs()] + [(k, torch.float32, tuple(v.shape)) for k, v in used.items()]
     return used, entries, file_metadata({t.name: tensor_meta(t) for t in shard if t.quantized})
+
+
+def encode_tensor(src: Source, t, tensor_hook=None) -> dict[str, torch.Tensor]:
+    """Read one planned tensor and produce its output tensors: output key -> tensor."""
+    w = src.get(t.name)
+    if tensor_hook is not None:
+        w = tensor_hook(t.name, w)
+    if not t.quantized:
+        return {t.name: w}
+    qt = quantize(w, t.spec, t.name)
+    parts = {"codes": qt.codes, "scales": qt.scales, "codebook": qt.codebook,
+             "scales_absmax": qt.scales_absmax, "scales_offset": qt.scales_offset}
+    return {key: parts[key[len(t.name) + 1:]] for key, _, _ in t.outputs()}
 
 
 def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_size: str | int | None = DEFAULT_SHARD,
@@ -109,6 +123,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     if os.path.abspath(dst) == os.path.abspath(src_path):
         raise bad_input(f"{dst}: destination is the source; choose another path")
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
+    workers = 1 if tensor_hook is not None else default_workers()  # a hook need not be thread-safe
     names = shard_names(len(plan.shards))
     with AtomicOutput(dst, folder=folder, force=force) as out:
         files = []
@@ -121,19 +136,12 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
             try:
                 for k, v in used.items():
                     pf.put(k, v)
-                for t in shard:
-                    w = src.get(t.name)
-                    if tensor_hook is not None:
-                        w = tensor_hook(t.name, w)
-                    if t.quantized:
-                        qt = quantize(w, t.spec, t.name)
-                        parts = {"codes": qt.codes, "scales": qt.scales, "codebook": qt.codebook,
-                                 "scales_absmax": qt.scales_absmax, "scales_offset": qt.scales_offset}
-                        for key, dt, shape in t.outputs():
-                            pf.put(key, parts[key[len(t.name) + 1:]])
-                    else:
-                        pf.put(t.name, w)
-                    progress.advance(t.name, t.in_bytes())
+                # a few tensors at once, one thread each (see kbitcli/parallel.py); written here, in order
+                with single_threaded_torch():
+                    for t, outputs in ordered_map(lambda t: encode_tensor(src, t, tensor_hook), shard, workers):
+                        for key, value in outputs.items():
+                            pf.put(key, value)
+                        progress.advance(t.name, t.in_bytes())
                 pf.close()
             finally:
                 pf.abort()

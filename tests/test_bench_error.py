@@ -65,9 +65,10 @@ def test_whole_model_sqnr_is_pooled_over_tensors(nf_sweep, stories_dir):
     assert tensors[0]["sqnr_db"] == pytest.approx(direct, abs=1e-9)
 
 
-def test_targets_are_encodes(stories_dir):
-    plan = json.loads(kbit("encode", stories_dir, "/tmp/unused-dst", "--dry-run", "--json",
-                           "--targets", "re:.*mlp.*").stdout)["plan"]
+def test_targets_are_encodes(stories_dir, tmp_path):
+    dry = kbit("encode", stories_dir, tmp_path / "dst", "--dry-run", "--json", "--targets", "re:.*mlp.*")
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)["plan"]
     r = kbit("bench", "error", stories_dir, "--targets", "re:.*mlp.*", "-k", "3", "--json")
     assert r.exit_code == 0, r.output
     names = [t["name"] for t in json.loads(r.stdout)["configs"][0]["tensors"]]

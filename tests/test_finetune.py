@@ -124,8 +124,8 @@ def test_merge_kbit_reencodes_with_the_base_plan_and_scores(nf4, trained, texts)
         b = plan[t["name"]]
         assert t["quantized"] == b["quantized"]
         if t["quantized"]:
-            assert (t["bits"], t["block_size"], t["data_type"], t["double_quant"]) == \
-                   (b["bits"], b["block_size"], b["data_type"], b["double_quant"])
+            keys = ("bits", "block_size", "data_type", "double_quant", "scale_dtype", "scale_search")
+            assert [t[k] for k in keys] == [b[k] for k in keys]
     lin = man["lineage"][-1]
     assert lin["merge"] == "kbit" and lin["steps"] == 16 and lin["base"]["path"] == os.path.abspath(nf4)
     assert lin["base"]["files"] and lin["adapter"]["sha256"]
@@ -186,3 +186,39 @@ def test_targets_pattern_and_rslora_scaling(nf4):
     assert loras[names[0]].scaling == pytest.approx(32 / 4)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     assert sum(p.requires_grad for p in model.parameters()) == 20
+
+
+def test_merge_kbit_keeps_a_mixed_plan(stories_dir, tmp_path):
+    """A base with per-tensor overrides (5-bit fp blocks of 32 on down_proj, int8 rows on q_proj, k_proj kept
+    dense) is re-encoded tensor by tensor with those same settings, and the merged weights carry the delta."""
+    from kbitcli.core.blockwise import sqnr_db
+    from kbitcli.finetune.config import TrainConfig
+    from kbitcli.finetune.peft_io import save_adapter
+    from kbitcli.formats.kbit_format import KbitCheckpoint
+    from kbitcli.recipes import Override
+
+    base = str(tmp_path / "mixed")
+    encode(stories_dir, base, Recipe(bits=4, block_size=64, dtype="nf", overrides=[
+        Override("re:.*down_proj", {"bits": 5, "dtype": "fp", "block_size": 32}),
+        Override("re:.*q_proj", {"bits": 8, "dtype": "int", "block_size": "row"}),
+        Override("re:.*k_proj", {"skip": True})]))
+    model, _ = load_model(base, dtype="fp32")
+    loras = attach_lora(model, select_targets(model, ["re:.*(down|q)_proj"]), rank=4, alpha=8, seed=1)
+    with torch.no_grad():
+        for lo in loras.values():
+            lo.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    adapter = str(tmp_path / "adapter")
+    os.makedirs(adapter)
+    save_adapter(adapter, loras, TrainConfig(rank=4, alpha=8), base)
+    dst = str(tmp_path / "merged")
+    merge(base, adapter, dst, "kbit")
+    a, b = KbitCheckpoint(base), KbitCheckpoint(dst)
+    assert a.names == b.names
+    for n in a.names:
+        assert a.meta[n] == b.meta[n] if a.meta[n] is None else \
+            {k: v for k, v in a.meta[n].items() if k != "codebook"} == {k: v for k, v in b.meta[n].items() if k != "codebook"}
+    name = "model.layers.2.mlp.down_proj"
+    want = a.tensor(f"{name}.weight", torch.float32) + loras[name].delta_weight()
+    got = b.tensor(f"{name}.weight", torch.float32)
+    assert not torch.equal(got, a.tensor(f"{name}.weight", torch.float32))
+    assert sqnr_db(want, got) > 20  # 5-bit fp, blocks of 32: the merged weight, re-quantized

@@ -26,22 +26,26 @@ def show(r: dict, con) -> None:
     t = Table(title=f"{r['model']} on {r['text']}", title_justify="left")
     t.add_column("model")
     t.add_column("bits/param", justify="right")
+    kbit_row = "k-bit layers" if r["evaluation"] == "kbit" else "simulated (dense, dequantized weights)"
     if r["kind"] == "causal":
         for col in ("nll (nats/token)", "ppl", "KL vs dense", "top-1 agreement"):
             t.add_column(col, justify="right")
-        t.add_row(f"dense ({b['source']})", "-", f"{b['nll']:.4f}", f"{b['ppl']:.3f}", "-", "-")
-        t.add_row(r["evaluation"] + ("" if r["evaluation"] == "kbit" else " (dense with dequantized weights)"),
-                  _bits(q), f"{q['nll']:.4f}", f"{q['ppl']:.3f}", f"{q['kl_divergence']:.5f}", f"{q['top1_agreement']:.2%}")
+        t.add_row("dense" if b["source"] == "dense" else "dense (decoded)", "-", f"{b['nll']:.4f}", f"{b['ppl']:.3f}", "-", "-")
+        t.add_row(kbit_row, _bits(q), f"{q['nll']:.4f}", f"{q['ppl']:.3f}", f"{q['kl_divergence']:.5f}",
+                  f"{q['top1_agreement']:.2%}")
     else:
-        t.add_column("cosine mean", justify="right")
-        t.add_column("cosine min", justify="right")
-        t.add_row(r["evaluation"], _bits(q), f"{q['cosine_mean']:.5f}", f"{q['cosine_min']:.5f}")
+        t.add_column("cosine vs dense: mean", justify="right")
+        t.add_column("min", justify="right")
+        t.add_row(kbit_row, _bits(q), f"{q['cosine_mean']:.5f}", f"{q['cosine_min']:.5f}")
     con.print(t)
     how = r["tokenization"]
     unit = f"{r['lines']} lines, mean-pooled" if r["kind"] == "encoder" else (
         f"{how['documents']} {how['mode'] if how['mode'] == 'stream' else 'documents split on ' + repr(how['separator'])}, "
         f"stride {r['stride']}")
     con.print(f"context {r['context']}, {r['tokens']:,} tokens ({unit}); tokenizer: {r['tokenizer']}")
+    if q.get("recipe"):
+        rc = q["recipe"]
+        con.print(f"recipe: k={rc['bits']} block={rc['block_size']} {rc['dtype']}" + ("+dq" if rc.get("double_quant") else ""))
     if b.get("note"):
         con.print(f"[yellow]note[/yellow]: {b['note']}")
 

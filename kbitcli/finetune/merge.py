@@ -4,7 +4,7 @@
   checkpoint, streamed tensor by tensor, like `kbit decode`.
 - kbit: the merged dense checkpoint is written to a temporary folder and re-encoded with the base's own
   plan: every tensor the base stored in k bits is quantized again with its own bits, block size, data type,
-  double quant and scale dtype (a recipe of exact per-tensor overrides rebuilt from the base's manifest, or
+  double quant, scale dtype and scale search (a recipe of exact per-tensor overrides rebuilt from the base's manifest, or
   from its file metadata when there is no manifest); everything the base kept dense stays dense.
 
 Both record the lineage in kbit_manifest.json: the base (path, sha256 of its files), the adapter (path,
@@ -26,8 +26,9 @@ from kbitcli import __version__
 from kbitcli.decode import out_dtype
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import MANIFEST, KbitCheckpoint, shard_names
-from kbitcli.formats.output import AtomicOutput, file_record, sha256_file
+from kbitcli.formats.output import AtomicOutput, folder_records, sha256_file
 from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
+from kbitcli.formats.source import copy_side_files
 from kbitcli.plan import assign_shards, parse_size
 from kbitcli.finetune.peft_io import WEIGHTS, read_adapter, scaling_of
 from kbitcli.recipes import Override, Recipe
@@ -98,17 +99,13 @@ def write_dense(ck: KbitCheckpoint, deltas: dict, dst: str, dtype: str | None, l
             wm = {e.name: f for shard, f in zip(shards, names) for e in shard}
             with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
                 json.dump({"metadata": {"total_size": sum(e.out_bytes() for e in entries)}, "weight_map": wm}, fh, indent=2)
-        for f in sorted(os.listdir(ck.path)):
-            full = os.path.join(ck.path, f)
-            if os.path.isfile(full) and not f.endswith(".safetensors") and f not in (MANIFEST, "config.json",
-                                                                                    "model.safetensors.index.json"):
-                shutil.copy2(full, os.path.join(out.tmp, f))
+        copy_side_files(ck.path, out.tmp)
         cfg = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
         if want is not None:
             cfg["torch_dtype"] = str(want).removeprefix("torch.")
         with open(os.path.join(out.tmp, "config.json"), "w") as fh:
             json.dump(cfg, fh, indent=2)
-        outputs = [file_record(os.path.join(out.tmp, f), out.tmp) for f in sorted(os.listdir(out.tmp))]
+        outputs = folder_records(out.tmp)
         manifest = {"tool": "kbit", "version": __version__,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "kind": "dense (merged)", "dtype": dtype or "original", "outputs": outputs, "lineage": lineage}
@@ -127,7 +124,9 @@ def base_recipe(ck: KbitCheckpoint) -> Recipe:
         m = ck.meta[n]
         p = plan.get(n, {})
         settings = {"bits": m["bits"], "block_size": p.get("block_size", m["block_size"]), "dtype": m["dtype"],
-                    "double_quant": m["double_quant"], "scale_dtype": m["scale_dtype"]}
+                    "double_quant": m["double_quant"], "scale_dtype": m["scale_dtype"],
+                    # checkpoints from before scale search existed used plain absmax scales
+                    "scale_search": m.get("scale_search") or 1}
         pattern = "re:" + re.escape(n)
         targets.append(pattern)
         overrides.append(Override(pattern, settings))

@@ -28,14 +28,15 @@ demo: install
 	$(KBIT) encode $(MODEL) $(OUT)/stories260K-nf4 --recipe recipes/llama-nf4.yaml --force
 	$(KBIT) inspect $(OUT)/stories260K-nf4 --verify --quiet
 	$(KBIT) decode $(OUT)/stories260K-nf4 $(OUT)/stories260K-decoded --dtype fp32 --force
-	@if $(KBIT) generate --help >/dev/null 2>&1; then \
-	  $(KBIT) generate $(OUT)/stories260K-nf4 --prompt "Once upon a time" --max-new-tokens 40; fi
+	$(KBIT) generate $(OUT)/stories260K-nf4 --prompt "Once upon a time" --max-new-tokens 40
 
 test: install-test
 	$(PY) -m pytest
 
 bench: install-test
 	$(PY) benchmarks/encode_throughput.py
+	$(KBIT) bench speed $(MODEL) --bits 4 --dtype nf
+	$(PY) benchmarks/finetune_memory.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

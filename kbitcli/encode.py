@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -137,7 +138,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
                 for k, v in used.items():
                     pf.put(k, v)
                 # a few tensors at once, one thread each (see kbitcli/parallel.py); written here, in order
-                with single_threaded_torch():
+                with single_threaded_torch() if workers > 1 else contextlib.nullcontext():
                     for t, outputs in ordered_map(lambda t: encode_tensor(src, t, tensor_hook), shard, workers):
                         for key, value in outputs.items():
                             pf.put(key, value)

@@ -213,9 +213,11 @@ def test_scale_dtypes_match_reference(weights, scale_dtype):
     assert_same(quantize(w, spec), ref_quantize(w, spec), scale_dtype)
 
 
-@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_match_reference(weights, src_dtype):
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_input_dtypes_match_reference(weights, src_dtype):
     w = weights["minilm.output[37x101]"].to(src_dtype)
+    if src_dtype == torch.float64:  # values with more bits than fp32 holds (the reference rounds them first)
+        w = w * (1 + 2**-40)
     for spec in (Spec(4, 64, "nf", True), Spec(3, 64, "fp"), Spec(8, 64, "int")):
         assert_same(quantize(w, spec), ref_quantize(w, spec), f"{src_dtype} {spec}")
     qt = quantize(w, Spec(4, 64, "nf"))
@@ -238,6 +240,25 @@ def test_large_tensor_matches_reference(weights):
     w = weights["minilm.embeddings[3000x384]"]
     for spec in (Spec(4, 64, "nf", True), Spec(8, 64, "int"), Spec(4, 64, "quantile")):
         assert_same(quantize(w, spec), ref_quantize(w, spec), str(spec))
+
+
+@pytest.mark.parametrize("dtype", codebooks.FIXED_DTYPES)
+def test_code_lookup_matches_reference_on_every_kind_of_float(dtype):
+    """The fast nearest-code search (a table lookup on the float's top bits) against the plain rule, on floats
+    from all over the number line: a stride through every bit pattern, ±0, ±inf, subnormals, the midpoints
+    themselves and their neighbours."""
+    from kbitcli.core.nearest import CodeLookup, NearestCodes
+
+    patterns = torch.arange(-(2**31), 2**31, 9973, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 1.0, -1.0, 2.0, -2.0])
+    for bits in range(2, 9):
+        table = codebooks.fixed_codebook(dtype, bits)
+        mids = (table[1:] + table[:-1]) / 2
+        up, down = torch.nextafter(mids, torch.tensor(9.0)), torch.nextafter(mids, torch.tensor(-9.0))
+        v = torch.cat([patterns[~patterns.isnan()], special, mids, up, down, table]).contiguous()
+        assert CodeLookup.build(table) is not None, f"{dtype}{bits}: no lookup"
+        codes = NearestCodes(table, v.numel(), v.numel(), reused=True)(v)
+        assert torch.equal(codes.long(), ref_nearest(v, table)), f"{dtype}{bits}"
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -281,3 +302,26 @@ def test_nan_is_reported_at_its_index_in_any_chunk(weights, monkeypatch):
     w.view(-1)[2345] = float("nan")
     with pytest.raises(KbitError, match="flat index 2345"):
         quantize(w, Spec(4, 64, "nf"), "layer.weight")
+
+
+def test_encode_writes_the_reference_codes_with_any_number_of_workers(tmp_path, monkeypatch, stories_dir):
+    """The whole `kbit encode` path (tensors quantized on worker threads, written at planned offsets): the same
+    bytes with 1 or 3 workers, and every quantized tensor in the file is the reference's."""
+    import kbitcli.encode as encode_module
+    from kbitcli.formats.kbit_format import KbitCheckpoint
+    from kbitcli.recipes import Recipe
+
+    outputs = []
+    for workers in (1, 3):
+        monkeypatch.setattr(encode_module, "default_workers", lambda: workers)
+        dst = tmp_path / f"workers{workers}"
+        encode_module.encode(stories_dir, str(dst), Recipe(double_quant=True))  # recipe default: scale search 4
+        outputs.append((dst / "model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+    ck = KbitCheckpoint(str(tmp_path / "workers1"))
+    source = _load(os.path.join(stories_dir, "model.safetensors"), ck.names)
+    quantized = [n for n in ck.names if ck.is_quantized(n)]
+    assert len(quantized) >= 7 * 5  # every linear weight of the 5 layers
+    for name in quantized:
+        qt = ck.quantized(name)  # (the file does not record the scale search: decoding does not need it)
+        assert_same(qt, ref_quantize(source[name], dataclasses.replace(qt.spec, scale_search=4)), name)

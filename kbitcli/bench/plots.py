@@ -86,15 +86,11 @@ def _style(ax, model: str, rows: list[dict]):
     metric = rows[0]["metric_name"]
     ax.set_xscale("log")
     ax.set_yscale("log")  # nll from a broken 2-bit model to near-dense spans a decade; 1 - cosine spans several
-    mbit = FuncFormatter(lambda x, _: f"{x / 1e6:.3g}M")
-    plain = FuncFormatter(lambda y, _: f"{y:.3g}")
+    mbit = FuncFormatter(lambda x, _: f"{x / 1e9:.3g}G" if x >= 1e9 else f"{x / 1e6:.3g}M")
     for which in ("major", "minor"):
         (ax.xaxis.set_major_formatter if which == "major" else ax.xaxis.set_minor_formatter)(mbit)
         ax.tick_params(axis="x", which=which, labelsize=7, labelrotation=40)
-        if metric != "1-cosine":
-            (ax.yaxis.set_major_formatter if which == "major" else ax.yaxis.set_minor_formatter)(plain)
-            ax.tick_params(axis="y", which=which, labelsize=7)
-    ax.set_xlabel("total model bits (M = million)")
+    ax.set_xlabel("total model bits (M = 10^6, G = 10^9)")
     ax.set_ylabel(f"{metric} (lower is better)")
     ax.set_title(model, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -102,6 +98,15 @@ def _style(ax, model: str, rows: list[dict]):
     if dense is not None and metric != "1-cosine":
         ax.axhline(dense["metric"], color="black", linestyle="--", linewidth=1, label=f"dense ({dense['metric']:.4g})")
         ax.plot([dense["total_bits"]], [dense["metric"]], "k*", markersize=9)
+    if metric != "1-cosine":  # nll spans less than a decade: evenly spaced, plainly labelled ticks
+        import numpy as np
+        from matplotlib.ticker import NullFormatter
+
+        lo, hi = ax.get_ylim()
+        ax.set_yticks(np.geomspace(lo, hi, 7)[1:-1])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="y", labelsize=7)
 
 
 def _save(fig, out: str, stem: str) -> str:

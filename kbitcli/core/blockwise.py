@@ -9,7 +9,7 @@ Work is done in chunks of whole blocks so memory stays bounded for any tensor si
 the target): each chunk is divided by its scales into one reused buffer, its codes are read off a lookup
 table indexed by the float's top bits (core/nearest.py: bit-identical to bucketize over the codebook
 midpoints, ~10x faster), packed with uint8 shifts (core/pack.py) straight into the output, and decoding goes
-through a per-byte table of values for k = 1, 2, 4, 8. tests/test_core_equivalence.py holds all of it to a
+through a per-byte table of values for k = 2, 4, 8. tests/test_core_equivalence.py holds all of it to a
 plain reference implementation, bit for bit.
 """
 
@@ -146,6 +146,9 @@ def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTens
     codebooks.check_bits(spec.bits)
     codebooks.check_dtype(spec.dtype)
     flat = w.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # the fp32 ops below would promote a wider input (fp64) and divide at its precision: round it first
+        flat = flat.float()
     n, B = flat.numel(), spec.block_size
     if n == 0:
         raise bad_input(f"tensor {name!r} is empty; leave it out of the targets")

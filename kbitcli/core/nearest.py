@@ -5,25 +5,25 @@ codebook entries that lie strictly below v, so a value exactly on a midpoint tak
 `torch.bucketize(v, mids)`, which does a binary search per value and manages ~15 M values/s on a core: it
 was the slowest step of quantization by far (the rest is a few memory-bound passes at >500 M values/s).
 
-Instead we look the answer up. The top 17 bits of a float32 (sign, 8 exponent bits, 7 + 1 mantissa bits
-... i.e. everything but the low 15 bits) name a "cell": all floats sharing them lie in one interval of the
-number line (same sign and exponent, ordered by the bits that remain), 1/256 of a power of two wide. The
-code is monotone in v, so every value of cell c has a code in [code(first), code(last)] of that cell, and
-because cells are so narrow that range is one code or two neighbours. With
-    lo[c]   = smallest code in cell c,
-    thr_j[c] = the (j+1)-th midpoint at or above entry lo[c] (+inf past the end),
-the code is  lo[c] + sum_j (v > thr_j[c])  — the same comparisons bucketize makes, so the result is
+Instead we look the answer up. The top 17 bits of a float32 (the sign, the 8 exponent bits and the top 8
+mantissa bits) name a "cell": all floats sharing them lie in one interval of the number line, 1/256 of a
+power of two wide. The code is monotone in v, so every value of cell c has a code between the codes of the
+cell's first and last float, and because cells are so narrow that range is one code or two neighbours. With
+    lo[c]    = the smallest code in cell c,
+    thr_j[c] = the (j+1)-th midpoint from entry lo[c] up (+inf past the end),
+the code is  lo[c] + sum_j (v > thr_j[c])  — the very comparisons bucketize makes, so the result is
 bit-identical for every float (±0, subnormals and ±inf included). Cost per value: a shift, a mask, one
-gather per table and one compare-and-add per threshold (thresholds = 1 for every built-in table).
+gather per table and one compare-and-add per threshold (one threshold for every built-in table).
 
-Building the tables costs ~20 ms (2^17 cells); fixed codebooks are cached, a one-off table (quantile type)
-is only worth it for a large tensor, and a table whose cells would need many thresholds (a degenerate
-quantile table with near-equal entries) falls back to bucketize.
+Building the tables costs ~3 ms (2^17 cells): fixed codebooks' are built once and cached, a one-off table
+(quantile type) gets them only for a large tensor, and a table whose cells would need many thresholds (a
+degenerate quantile table with near-equal entries) falls back to bucketize.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 
 import torch
@@ -34,6 +34,7 @@ MAX_THRESHOLDS = 4  # beyond this many compare passes, bucketize is as fast: use
 LOOKUP_MIN_VALUES = 1 << 17  # building a table (~3 ms) costs what bucketize spends on ~100K values
 _CACHE: OrderedDict[bytes, "CodeLookup | None"] = OrderedDict()
 _CACHE_SIZE = 32  # every fixed table (4 types x 7 k) fits; each is ~0.6 MB
+_CACHE_LOCK = threading.Lock()
 
 
 def midpoints(codebook: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ class CodeLookup:
         cell.bitwise_and_(CELLS - 1)  # the arithmetic shift smeared the sign bit: keep the 17 cell bits
         torch.index_select(self.lo, 0, cell, out=out)
         for thr in self.thresholds:
-            torch.gt(v, torch.index_select(thr, 0, cell), out=above)
+            torch.ge(v, torch.index_select(thr, 0, cell), out=above)
             out.add_(above)
         return out
 
@@ -92,17 +93,21 @@ def _cell_ends() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ascending, position.amin(dim=1), position.amax(dim=1)
 
 
-def lookup_for(codebook: torch.Tensor, worth_building: bool) -> CodeLookup | None:
-    """The cached lookup of this table, else one built now if worth_building, else None (use bucketize)."""
+def lookup_for(codebook: torch.Tensor, build: bool, keep: bool) -> CodeLookup | None:
+    """The cached lookup of this table; else, if `build`, a new one (cached if `keep`); else None (bucketize)."""
     key = codebook.float().numpy().tobytes()
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    if not worth_building:
+    with _CACHE_LOCK:  # encode quantizes on several threads
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    if not build:
         return None
-    found = _CACHE[key] = CodeLookup.build(codebook)
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    found = CodeLookup.build(codebook)
+    if keep:
+        with _CACHE_LOCK:
+            _CACHE[key] = found
+            if len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
     return found
 
 
@@ -110,9 +115,9 @@ class NearestCodes:
     """Codes of many chunks against one codebook, reusing its scratch buffers (no allocation per chunk)."""
 
     def __init__(self, codebook: torch.Tensor, numel: int, chunk: int, reused: bool = False):
-        """reused: the table will serve other tensors too (a fixed data type), so build its lookup anyway."""
+        """reused: the table will serve other tensors too (a fixed data type): build its lookup and keep it."""
         self.mids = midpoints(codebook)
-        self.lookup = lookup_for(codebook, reused or numel >= LOOKUP_MIN_VALUES)
+        self.lookup = lookup_for(codebook, build=reused or numel >= LOOKUP_MIN_VALUES, keep=reused)
         size = min(numel, chunk)
         self.out = torch.empty(size, dtype=torch.uint8)
         if self.lookup is not None:

@@ -162,17 +162,21 @@ def from_dict(data, where: str) -> Recipe:
                   overrides=overrides, source=where)
 
 
+def read_yaml(path: str, what: str = "recipe", example: str = "recipes/"):
+    """The parsed YAML of a recipe-like file; a missing or malformed file is one line naming it."""
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh)
+    except (FileNotFoundError, IsADirectoryError):
+        raise bad_input(f"{path}: {what} not found; see {example} for examples") from None
+    except yaml.YAMLError as e:
+        raise bad_input(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_recipe(path: str | None) -> Recipe:
     if path is None:
         return Recipe()
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise bad_input(f"{path}: recipe not found; see recipes/ for examples") from None
-    except yaml.YAMLError as e:
-        raise bad_input(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return from_dict(data, path)
+    return from_dict(read_yaml(path), path)
 
 
 def parse_override(text: str) -> Override:

@@ -5,11 +5,22 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from kbitcli.paths import STORIES260K, TINYSTORIES_TEXT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "assets"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch thread for the whole suite: deterministic, and on a busy 2-core machine two threads spin
+    against other jobs and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

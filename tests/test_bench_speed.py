@@ -6,22 +6,12 @@ import json
 import os
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kbitcli.bench.speed import bench_speed
 from kbitcli.commands.app import app
 from kbitcli.errors import KbitError
 from kbitcli.recipes import Recipe
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads spin against other jobs and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_cli_dense_model_json_and_out(stories_dir, tmp_path):

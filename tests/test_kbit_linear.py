@@ -16,15 +16,6 @@ from kbitcli.core.pack import pack, unpack
 from kbitcli.models.kbit_linear import KbitLinear, share_tables, unpack_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads spin against other jobs and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def stories_weights(stories_dir):
     with safe_open(os.path.join(stories_dir, "model.safetensors"), "pt") as h:

@@ -19,15 +19,6 @@ from kbitcli.models.load import kbit_modules, load_model, name_mapper, weight_me
 from kbitcli.recipes import Recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2 threads spin against other jobs and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def encode_to(src: str, dst: str, **settings) -> str:
     kbit.encode(src, dst, Recipe(**settings))
     return dst

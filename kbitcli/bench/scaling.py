@@ -22,14 +22,13 @@ import json
 import os
 import time
 
-import yaml
 
 from kbitcli.bench import evaluate as ev
 from kbitcli.bench.error import grid_recipes, is_quantized_checkpoint, open_weights, parse_grid, simulated_quantization
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.formats.output import AtomicOutput
 from kbitcli.plan import make_plan
-from kbitcli.recipes import Recipe, from_dict, load_recipe
+from kbitcli.recipes import Recipe, from_dict, load_recipe, read_yaml
 
 STUDY_KEYS = {"name", "text", "models", "grid", "recipe", "context", "stride", "split_on", "max_tokens", "max_lines"}
 MODEL_KEYS = {"path", "name"}
@@ -60,13 +59,7 @@ def resolve_path(value, base: str, where: str) -> str:
 
 def load_study(path: str) -> dict:
     """Read and validate a study file; every error is one line naming the file and the key."""
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise bad_input(f"{path}: study file not found; see recipes/study-tiny.yaml") from None
-    except yaml.YAMLError as e:
-        raise bad_input(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "study file", "recipes/study-tiny.yaml")
     if not isinstance(data, dict):
         raise bad_input(f"{path}: a study is a YAML mapping with keys {', '.join(sorted(STUDY_KEYS))}")
     unknown = set(data) - STUDY_KEYS

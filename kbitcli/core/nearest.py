@@ -71,7 +71,7 @@ class CodeLookup:
         cell.bitwise_and_(CELLS - 1)  # the arithmetic shift smeared the sign bit: keep the 17 cell bits
         torch.index_select(self.lo, 0, cell, out=out)
         for thr in self.thresholds:
-            torch.ge(v, torch.index_select(thr, 0, cell), out=above)
+            torch.gt(v, torch.index_select(thr, 0, cell), out=above)
             out.add_(above)
         return out
 

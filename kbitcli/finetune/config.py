@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-import yaml
 
 from kbitcli.errors import bad_input
-from kbitcli.recipes import compile_pattern
+from kbitcli.recipes import compile_pattern, read_yaml
 
 
 @dataclass(frozen=True)
@@ -130,14 +129,7 @@ def from_dict(data, where: str) -> TrainConfig:
 def load_config(path: str | None) -> TrainConfig:
     if path is None:
         return TrainConfig()
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise bad_input(f"{path}: finetune recipe not found; see recipes/finetune-lora.yaml") from None
-    except yaml.YAMLError as e:
-        raise bad_input(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return from_dict(data, path)
+    return from_dict(read_yaml(path, "finetune recipe", "recipes/finetune-lora.yaml"), path)
 
 
 def with_flags(cfg: TrainConfig, **flags) -> TrainConfig:

@@ -34,6 +34,7 @@ test: install-test
 	$(PY) -m pytest
 
 bench: install-test
+	$(PY) benchmarks/core_throughput.py
 	$(PY) benchmarks/encode_throughput.py
 	$(KBIT) bench speed $(MODEL) --bits 4 --dtype nf
 	$(PY) benchmarks/finetune_memory.py

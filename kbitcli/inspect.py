@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 import os
 
-from kbitcli.core.blockwise import layout_bits
-from kbitcli.core.blockwise import Spec
-from kbitcli.errors import KbitError, bad_input
+from kbitcli.core.blockwise import Spec, layout_bits
+from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import MANIFEST, KbitCheckpoint, looks_kbit
-from kbitcli.formats.output import sha256_file
+from kbitcli.formats.output import verify_records
 from kbitcli.formats.safetensors_stream import nbytes
 from kbitcli.formats.source import open_source
 from kbitcli.recipes import is_default_target
@@ -79,16 +78,8 @@ def _manifest_for(path: str, ck: KbitCheckpoint) -> tuple[dict, str]:
 
 def verify_manifest(path: str, ck: KbitCheckpoint) -> dict:
     manifest, root = _manifest_for(path, ck)
-    bad = []
-    for rec in manifest.get("outputs", []):
-        f = os.path.join(root, rec["name"]) if ck.is_folder else path
-        if not os.path.exists(f):
-            bad.append(f"{rec['name']}: missing")
-        elif os.path.getsize(f) != rec["bytes"] or sha256_file(f) != rec["sha256"]:
-            bad.append(f"{rec['name']}: sha256 differs from the manifest")
-    if bad:
-        raise KbitError(f"{path}: verification failed: {'; '.join(bad)}", exit_code=1)
-    return {"ok": True, "files": len(manifest.get("outputs", []))}
+    return verify_records(path, manifest.get("outputs", []),
+                          lambda rec: os.path.join(root, rec["name"]) if ck.is_folder else path)
 
 
 def _inspect_dense(path: str) -> dict:

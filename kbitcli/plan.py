@@ -165,7 +165,7 @@ def make_plan(names_infos, recipe: Recipe, max_shard_bytes: int | None = None) -
             spec, label = _resolve(settings, name, shape)
             plans.append(TensorPlan(name, tuple(shape), dtype, spec, rule, label))
         else:
-            plans.append(TensorPlan(name, tuple(shape), dtype, None, rule if rule != "default" else "not a target"))
+            plans.append(TensorPlan(name, tuple(shape), dtype, None, rule if rule not in ("default", "targets") else "not a target"))
 
     for key, count in used.items():
         if count == 0:

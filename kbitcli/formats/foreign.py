@@ -165,8 +165,7 @@ def manifest_path(reader) -> str:
 
 def verify(reader) -> dict:
     """Re-hash the files against the manifest kbit wrote beside them (kbit exports only)."""
-    from kbitcli.errors import KbitError
-    from kbitcli.formats.output import sha256_file
+    from kbitcli.formats.output import verify_records
 
     folder = os.path.isdir(reader.path)
     man_path = manifest_path(reader)
@@ -175,16 +174,7 @@ def verify(reader) -> dict:
         raise bad_input(f"{reader.path}: no kbit manifest ({os.path.basename(man_path)}); --verify checks files "
                         "kbit wrote (other tools' checkpoints carry no manifest)")
     root = reader.path if folder else os.path.dirname(os.path.abspath(reader.path))
-    bad = []
-    for rec in man.get("outputs", []):
-        f = os.path.join(root, rec["name"])
-        if not os.path.exists(f):
-            bad.append(f"{rec['name']}: missing")
-        elif os.path.getsize(f) != rec["bytes"] or sha256_file(f) != rec["sha256"]:
-            bad.append(f"{rec['name']}: sha256 differs from the manifest")
-    if bad:
-        raise KbitError(f"{reader.path}: verification failed: {'; '.join(bad)}", exit_code=1)
-    return {"ok": True, "files": len(man.get("outputs", []))}
+    return verify_records(reader.path, man.get("outputs", []), lambda rec: os.path.join(root, rec["name"]))
 
 
 def load_dense(path: str, dtype: torch.dtype | None = None):

@@ -77,7 +77,7 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str]) -> None:
     variant = (gguf_type or "Q4_0")[-1]
     rows_bad = [t for t in plan.quantized if len(t.shape) != 2 or t.shape[-1] % BLOCK]
     for t in plan.quantized:
-        s, n = t.spec, t.name
+        s = t.spec
         label = type_for(s.bits, variant) if s.bits in (4, 5, 8) else "GGUF"
         if s.bits not in (4, 5, 8):
             near = 4 if s.bits < 5 else (5 if s.bits == 6 else 8)

@@ -135,3 +135,19 @@ def folder_records(root: str) -> list[dict]:
     """file_record of every file under root (sub-folders too), by relative path, sorted."""
     paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
     return [file_record(p, root) for p in sorted(paths)]
+
+
+def verify_records(label: str, records: list[dict], path_of) -> dict:
+    """Re-hash each manifest record's file (path_of(record) -> path); exit 1 naming every mismatch."""
+    from kbitcli.errors import KbitError
+
+    bad = []
+    for rec in records:
+        f = path_of(rec)
+        if not os.path.exists(f):
+            bad.append(f"{rec['name']}: missing")
+        elif os.path.getsize(f) != rec["bytes"] or sha256_file(f) != rec["sha256"]:
+            bad.append(f"{rec['name']}: sha256 differs from the manifest")
+    if bad:
+        raise KbitError(f"{label}: verification failed: {'; '.join(bad)}", exit_code=1)
+    return {"ok": True, "files": len(records)}

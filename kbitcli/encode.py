@@ -64,6 +64,12 @@ def shard_layout(plan: Plan, shard: list) -> tuple[dict, list, dict]:
     return used, entries, file_metadata({t.name: tensor_meta(t) for t in shard if t.quantized})
 
 
+def _check_dst(dst: str, src_path: str, force: bool) -> None:
+    check_destination(dst, force)
+    if os.path.abspath(dst) == os.path.abspath(src_path):
+        raise bad_input(f"{dst}: destination is the source; choose another path")
+
+
 def encode_tensor(src: Source, t, tensor_hook=None) -> dict[str, torch.Tensor]:
     """Read one planned tensor and produce its output tensors: output key -> tensor."""
     w = src.get(t.name)
@@ -103,10 +109,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
         module = format_module(fmt)
         options = {"gguf_type": gguf_type} if fmt == "gguf" else {}
         if not dry_run:
-            check_destination(dst, force)
-            if os.path.abspath(dst) == os.path.abspath(src_path):
-                raise bad_input(f"{dst}: destination is the source; choose another path")
-        limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+            _check_dst(dst, src_path, force)
         result = module.export(src, src_path, dst, plan, recipe, recipe_dict(recipe), force=force, dry_run=dry_run,
                                progress=progress, max_shard_bytes=limit, **options)
         result["seconds"] = round(time.time() - t0, 3)
@@ -120,9 +123,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
               "plan": [t.as_dict() for t in plan.tensors], "recipe": recipe_dict(recipe)}
     if dry_run:
         return result
-    check_destination(dst, force)
-    if os.path.abspath(dst) == os.path.abspath(src_path):
-        raise bad_input(f"{dst}: destination is the source; choose another path")
+    _check_dst(dst, src_path, force)
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
     workers = 1 if tensor_hook is not None else default_workers()  # a hook need not be thread-safe
     names = shard_names(len(plan.shards))

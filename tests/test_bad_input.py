@@ -327,3 +327,10 @@ def test_ctrl_c_leaves_nothing(minilm_dir, tmp_path):
     assert proc.returncode == 1, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not os.path.lexists(dst) and leftovers(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("value", ["0", "17"])
+def test_scale_search_out_of_range(stories_dir, tmp_path, value):
+    dst = str(tmp_path / "out")
+    assert_bad_input(cli("encode", stories_dir, dst, "--scale-search", value), "scale_search", dst=dst)
+    assert_bad_input(cli("bench", "error", stories_dir, "--scale-search", value, "--quiet"), "scale_search")

@@ -31,13 +31,6 @@ RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes
 
 
 @pytest.fixture(scope="module")
-def nf4(stories_dir, tmp_path_factory):
-    dst = str(tmp_path_factory.mktemp("ft") / "s260-nf4")
-    encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype="nf"))
-    return dst
-
-
-@pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ft-text")
     (d / "train.txt").write_text(SNIPPET * 40)

@@ -10,21 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from kbitcli.commands.app import app
-from kbitcli.encode import encode
 from kbitcli.errors import KbitError
 from kbitcli.finetune.config import from_dict, load_config
 from kbitcli.finetune.data import batch_indices, load_blocks
 from kbitcli.models.load import load_tokenizer
-from kbitcli.recipes import Recipe
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "finetune-lora.yaml")
-
-
-@pytest.fixture(scope="module")
-def nf4(stories_dir, tmp_path_factory):
-    dst = str(tmp_path_factory.mktemp("inp") / "s260-nf4")
-    encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype="nf"))
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from kbitcli.commands.bench import bench_app
 from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                     RecipeOpt, ScaleDtypeOpt, TargetsOpt, recipe_from_options)
+                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+                                     recipe_from_options)
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, run
 
 CONFIG_COLUMNS = ("bits", "block_size", "dtype", "double_quant", "scale_dtype", "scale_search", "bits_per_param", "bits_per_param_model",
@@ -75,7 +76,8 @@ def bench_error_cmd(
     out: Optional[str] = typer.Option(None, "--out", help="Folder for error.json, error_configs.csv and error_tensors.csv."),
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
-    scale_dtype: Optional[str] = ScaleDtypeOpt, targets: Optional[List[str]] = TargetsOpt,
+    scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
@@ -88,7 +90,8 @@ def bench_error_cmd(
         g = parse_grid(grid) if grid else None
         if out is not None:
             check_destination(out, force)
-        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override)
+        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override,
+                                scale_search)
         result = bench_error(src, r, g, progress=step_progress(quiet, con))
         if out is not None:
             result["files"] = write_out(result, out, force)

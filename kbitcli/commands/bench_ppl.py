@@ -9,7 +9,8 @@ from rich.table import Table
 
 from kbitcli.commands.bench import bench_app
 from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                     RecipeOpt, ScaleDtypeOpt, TargetsOpt, recipe_from_options)
+                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+                                     recipe_from_options)
 from kbitcli.commands.common import JsonOpt, QuietOpt, run
 
 
@@ -66,7 +67,8 @@ def bench_ppl_cmd(
     simulate: bool = typer.Option(False, "--simulate", help="Run the dense model with dequantized weights instead of k-bit layers (same numbers, faster to set up)."),
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
-    scale_dtype: Optional[str] = ScaleDtypeOpt, targets: Optional[List[str]] = TargetsOpt,
+    scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
@@ -74,7 +76,8 @@ def bench_ppl_cmd(
     from kbitcli.bench.ppl import bench_ppl
 
     def work(con):
-        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override)
+        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override,
+                                scale_search)
         return bench_ppl(model, text, r, context=context, stride=stride, split_on=split_on, max_tokens=max_tokens,
                          max_lines=max_lines, simulate=simulate, progress=step_progress(quiet, con))
 

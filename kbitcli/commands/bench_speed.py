@@ -12,7 +12,8 @@ from rich.table import Table
 from kbitcli.commands.bench import bench_app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, run
 from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                      RecipeOpt, ScaleDtypeOpt, TargetsOpt, recipe_from_options)
+                                      RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+                                     recipe_from_options)
 
 
 def step_progress(quiet: bool, con):
@@ -72,7 +73,8 @@ def bench_speed_cmd(
     rss: bool = typer.Option(True, "--rss/--no-rss", help="Also measure RSS growth of loading each model in a fresh process."),
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
-    scale_dtype: Optional[str] = ScaleDtypeOpt, targets: Optional[List[str]] = TargetsOpt,
+    scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     out: Optional[str] = typer.Option(None, "--out", help="Folder to write speed.json into."),
     force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
@@ -85,7 +87,8 @@ def bench_speed_cmd(
             from kbitcli.formats.output import check_destination
 
             check_destination(out, force)
-        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override)
+        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override,
+                                scale_search)
         result = bench_speed(model, r, batch=batch, seq=seq, runs=runs, warmup=warmup, dtype=compute_dtype,
                              threads=threads, rss=rss, progress=step_progress(quiet, con))
         if out is not None:

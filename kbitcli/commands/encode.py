@@ -9,6 +9,8 @@ from rich.table import Table
 
 from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
+from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
+                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt)
 from kbitcli.encode import DEFAULT_SHARD, encode
 from kbitcli.recipes import Recipe, load_recipe, with_flags
 
@@ -43,16 +45,11 @@ def show_plan(result: dict, con, limit: int | None = None) -> None:
 def encode_cmd(
     src: str = typer.Argument(..., help="Dense checkpoint: .safetensors/.bin file or Hugging Face model folder."),
     dst: str = typer.Argument(..., help="Output: a folder for a folder SRC, a file for a file SRC."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/)."),
-    bits: Optional[int] = typer.Option(None, "--bits", "-k", help="k: bits per weight, 2..8."),
-    block_size: Optional[str] = typer.Option(None, "--block-size", "-b", help="Power of two 16..4096, 'row' or 'tensor'."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", "-t", help="int | fp | nf | quantile | dynamic."),
-    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="8-bit scales (bnb style)."),
-    scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="fp16 | bf16 | fp32 scales."),
-    scale_search: Optional[int] = typer.Option(None, "--scale-search", help="Candidate scales per block (1 = plain absmax)."),
-    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Pattern of tensors to quantize (repeatable); replaces the recipe's."),
-    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Pattern of tensors to keep dense (repeatable)."),
-    override: Optional[List[str]] = typer.Option(None, "--override", "-o", help="PATTERN=BITS | PATTERN=skip | PATTERN=key:value,... (repeatable, in order)."),
+    recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
+    dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
+    scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    targets: Optional[List[str]] = TargetsOpt, ignore: Optional[List[str]] = IgnoreOpt,
+    override: Optional[List[str]] = OverrideOpt,
     max_shard_size: str = typer.Option(DEFAULT_SHARD, "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and sizes; write nothing."),
     fmt: str = typer.Option("kbit", "--format", "-f", help="kbit | bnb | compressed-tensors | gguf (see docs/INTEROP.md)."),

@@ -39,10 +39,32 @@ def refuse_quantized(src: Source) -> None:
                         "encode the original dense model")
 
 
-def plan_source(src: Source, recipe: Recipe, max_shard_size: str | int | None = DEFAULT_SHARD) -> Plan:
+def plan_source(src: Source, recipe: Recipe, max_shard_size: str | int | None = DEFAULT_SHARD,
+                calibrated: bool = False) -> Plan:
     refuse_quantized(src)
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
-    return make_plan(((n, *src.info(n)) for n in src.names), recipe, limit)
+    return make_plan(((n, *src.info(n)) for n in src.names), recipe, limit, calibrated)
+
+
+def check_calibration(src: Source, calib) -> None:
+    """Calibration runs the model: it needs a model folder (config.json, tokenizer) and a readable text."""
+    if calib is None:
+        return
+    if not src.is_folder:
+        raise bad_input(f"{src.path}: calibration (--calib, --method gptq) runs the model, and a bare weights file "
+                        "has none; point SRC at the model folder (config.json, tokenizer), or use --method rtn "
+                        "without --calib")
+    if src.config is None:
+        raise bad_input(f"{src.path}: no config.json, so the model cannot run for calibration; add it, or use "
+                        "--method rtn without --calib")
+    calib.check()
+
+
+def run_calibration(src: Source, src_path: str, plan: Plan, calib, spill, progress) -> dict:
+    from kbitcli.calibration import sequential
+
+    jobs = {t.name: t for t in plan.quantized}
+    return sequential.run(src, src_path, jobs, calib, spill, progress)
 
 
 def recipe_dict(recipe: Recipe) -> dict:
@@ -53,7 +75,7 @@ def recipe_dict(recipe: Recipe) -> dict:
 def quantization_config(plan: Plan) -> dict:
     r = plan.recipe
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": r.bits, "block_size": r.block_size,
-            "dtype": r.dtype, "double_quant": r.double_quant,
+            "dtype": r.dtype, "double_quant": r.double_quant, "method": r.method,
             "quantized_tensors": len(plan.quantized), "bits_per_param": plan.summary()["bits_per_param_quantized"]}
 
 
@@ -70,14 +92,18 @@ def _check_dst(dst: str, src_path: str, force: bool) -> None:
         raise bad_input(f"{dst}: destination is the source; choose another path")
 
 
-def encode_tensor(src: Source, t, tensor_hook=None) -> dict[str, torch.Tensor]:
-    """Read one planned tensor and produce its output tensors: output key -> tensor."""
-    w = src.get(t.name)
-    if tensor_hook is not None:
-        w = tensor_hook(t.name, w)
-    if not t.quantized:
-        return {t.name: w}
-    qt = quantize(w, t.spec, t.name)
+def encode_tensor(src: Source, t, tensor_hook=None, spill=None) -> dict[str, torch.Tensor]:
+    """Read one planned tensor and produce its output tensors: output key -> tensor. A tensor calibration
+    already quantized (GPTQ / weighted RTN) comes from the spill."""
+    if spill is not None and t.name in spill:
+        qt = spill.get(t.name)
+    else:
+        w = src.get(t.name)
+        if tensor_hook is not None:
+            w = tensor_hook(t.name, w)
+        if not t.quantized:
+            return {t.name: w}
+        qt = quantize(w, t.spec, t.name)
     parts = {"codes": qt.codes, "scales": qt.scales, "codebook": qt.codebook,
              "scales_absmax": qt.scales_absmax, "scales_offset": qt.scales_offset}
     return {key: parts[key[len(t.name) + 1:]] for key, _, _ in t.outputs()}
@@ -85,7 +111,7 @@ def encode_tensor(src: Source, t, tensor_hook=None) -> dict[str, torch.Tensor]:
 
 def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_size: str | int | None = DEFAULT_SHARD,
            force: bool = False, dry_run: bool = False, progress=None, lineage: list | None = None,
-           tensor_hook=None, fmt: str = "kbit", gguf_type: str | None = None) -> dict:
+           tensor_hook=None, fmt: str = "kbit", gguf_type: str | None = None, calib=None) -> dict:
     """Encode src_path into dst. Returns the summary dict that `--json` prints.
 
     fmt: "kbit" (native), or "bnb" / "compressed-tensors" / "gguf" to write a format other engines load
@@ -93,6 +119,9 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
 
     tensor_hook(name, tensor) -> tensor, if given, transforms each source tensor before it is planned-in
     (used by finetune's --merge kbit to fold adapters into the base); shapes and dtypes must not change.
+
+    calib: a calibration.data.Calibration: the model runs block by block on that text first (sequential
+    calibration), and each quantized tensor's codes come from GPTQ or importance-weighted round-to-nearest.
     """
     t0 = time.time()
     recipe = recipe or Recipe()
@@ -102,7 +131,8 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
         raise bad_input(f"--gguf-type {gguf_type} goes with --format gguf, not --format {fmt}")
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     # a file gives one file: shards exist only in a folder (several shards would overwrite each other)
-    plan = plan_source(src, recipe, limit if src.is_folder else None)
+    plan = plan_source(src, recipe, limit if src.is_folder else None, calibrated=calib is not None)
+    check_calibration(src, calib)
     if fmt != "kbit":
         from kbitcli.formats.export_common import format_module
 
@@ -127,7 +157,11 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
     workers = 1 if tensor_hook is not None else default_workers()  # a hook need not be thread-safe
     names = shard_names(len(plan.shards))
-    with AtomicOutput(dst, folder=folder, force=force) as out:
+    with AtomicOutput(dst, folder=folder, force=force) as out, _spill(calib, dst) as spill:
+        calibration = None
+        if calib is not None:
+            calibration = run_calibration(src, src_path, plan, calib, spill, progress)
+            result["calibration"] = calibration
         files = []
         for f in src.files:  # the manifest's sha256 of the input, computed while we quantize
             hash_in_background(f)
@@ -140,7 +174,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
                     pf.put(k, v)
                 # a few tensors at once, one thread each (see kbitcli/parallel.py); written here, in order
                 with single_threaded_torch() if workers > 1 else contextlib.nullcontext():
-                    for t, outputs in ordered_map(lambda t: encode_tensor(src, t, tensor_hook), shard, workers):
+                    for t, outputs in ordered_map(lambda t: encode_tensor(src, t, tensor_hook, spill), shard, workers):
                         for key, value in outputs.items():
                             pf.put(key, value)
                         progress.advance(t.name, t.in_bytes())
@@ -155,7 +189,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "source": {"path": os.path.abspath(src_path), "files": [file_record(f) for f in src.files]},
                     "recipe": recipe_dict(recipe), "summary": summary, "tensors": result["plan"],
-                    "lineage": lineage or []}
+                    "lineage": lineage or [], "calibration": calibration}
         if folder:
             if len(names) > 1:
                 weight_map = {key: fname for shard, fname in zip(plan.shards, names) for t in shard for key, _, _ in t.outputs()}
@@ -177,3 +211,12 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     result["files"] = [r["name"] for r in manifest["outputs"]]
     return result
 
+
+
+def _spill(calib, dst: str):
+    """A spill folder beside DST for calibrated tensors (removed on the way out), or nothing."""
+    if calib is None:
+        return contextlib.nullcontext()
+    from kbitcli.calibration.spill import Spill
+
+    return Spill(os.path.dirname(os.path.abspath(dst)))

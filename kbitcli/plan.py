@@ -58,7 +58,7 @@ class TensorPlan:
         if self.spec:
             d.update(bits=self.spec.bits, block_size=self.block_label, block_values=self.spec.block_size,
                      data_type=self.spec.dtype, double_quant=self.spec.double_quant, scale_dtype=self.spec.scale_dtype,
-                     scale_search=self.spec.scale_search)
+                     scale_search=self.spec.scale_search, method=self.spec.method)
         return d
 
 
@@ -107,7 +107,20 @@ def codebook_key(dtype: str, bits: int) -> str:
     return f"kbit.codebook.{dtype}{bits}"
 
 
-def _resolve(settings: dict, name: str, shape) -> tuple[Spec, int | str]:
+# Candidate scales per block when the recipe leaves scale_search unset. Data-free: plain absmax, because the
+# unweighted search lowers tensor error but raised SmolLM2's loss (issue 8). With calibration data the
+# candidates are weighted by input importance (E[x^2]), which measured better than absmax on every model.
+DATA_FREE_SEARCH = 1
+CALIBRATED_SEARCH = 8
+
+
+def auto_search(settings: dict, calibrated: bool) -> int:
+    if settings.get("scale_search") is not None:
+        return settings["scale_search"]
+    return CALIBRATED_SEARCH if calibrated else DATA_FREE_SEARCH
+
+
+def _resolve(settings: dict, name: str, shape, calibrated: bool = False) -> tuple[Spec, int | str]:
     block = settings["block_size"]
     values = resolve_block(block, shape)
     numel = math.prod(shape)
@@ -116,13 +129,18 @@ def _resolve(settings: dict, name: str, shape) -> tuple[Spec, int | str]:
             f"block_size {block} does not fit tensor {name!r} ({numel} values, shape {list(shape)}); "
             f"use a block of at most {numel} values or 'tensor' (override it with --override '{name}=block_size:tensor')"
         )
+    method = settings.get("method") or "rtn"
+    if method == "gptq" and not calibrated:
+        raise bad_input(f"tensor {name!r}: method gptq needs calibration data; add --calib FILE (text the model "
+                        "knows), or use --method rtn")
     spec = Spec(settings["bits"], values, settings["dtype"], settings["double_quant"], settings["scale_dtype"],
-                settings["scale_search"])
+                auto_search(settings, calibrated), method)
     return spec, block
 
 
-def make_plan(names_infos, recipe: Recipe, max_shard_bytes: int | None = None) -> Plan:
-    """names_infos: ordered (name, torch dtype, shape). Raises KbitError before any work on a bad recipe."""
+def make_plan(names_infos, recipe: Recipe, max_shard_bytes: int | None = None, calibrated: bool = False) -> Plan:
+    """names_infos: ordered (name, torch dtype, shape). Raises KbitError before any work on a bad recipe.
+    calibrated: calibration data is given (decides the default scale search; gptq needs it)."""
     items = list(names_infos)
     used: dict[str, int] = {}
     all_patterns = [("targets", p) for p in (recipe.targets or [])] + [("ignore", p) for p in recipe.ignore]
@@ -162,7 +180,7 @@ def make_plan(names_infos, recipe: Recipe, max_shard_bytes: int | None = None) -
                 settings = {**settings, **o.settings}
                 targeted, rule = True, f"override {o.pattern}"
         if targeted:
-            spec, label = _resolve(settings, name, shape)
+            spec, label = _resolve(settings, name, shape, calibrated)
             plans.append(TensorPlan(name, tuple(shape), dtype, spec, rule, label))
         else:
             plans.append(TensorPlan(name, tuple(shape), dtype, None, rule if rule not in ("default", "targets") else "not a target"))

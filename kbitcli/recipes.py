@@ -5,7 +5,8 @@
     dtype: nf               # int | fp | nf | quantile | dynamic
     double_quant: true      # 8-bit scales in blocks of 256 (bitsandbytes style)
     scale_dtype: fp16       # fp16 | bf16 | fp32 (ignored with double_quant)
-    scale_search: 4         # candidate scales tried per block (1 = plain absmax); see core/scale_search.py
+    scale_search: 1         # candidate scales tried per block (1 = plain absmax); see core/grid.py
+    method: rtn             # rtn | gptq (gptq needs --calib); overridable per tensor like the rest
     targets: [...]          # patterns of tensors to quantize; default: the 2-D weights of linear layers
     ignore: [...]           # patterns kept dense even if targeted
     overrides:              # ordered; the last match wins, key by key
@@ -30,7 +31,8 @@ from kbitcli.core.codebooks import DTYPES, MAX_BITS, MIN_BITS
 from kbitcli.errors import bad_input
 
 MIN_BLOCK, MAX_BLOCK = 16, 4096
-SETTINGS = ("bits", "block_size", "dtype", "double_quant", "scale_dtype", "scale_search")
+SETTINGS = ("bits", "block_size", "dtype", "double_quant", "scale_dtype", "scale_search", "method")
+METHODS = ("rtn", "gptq")
 # Tensors that are 2-D but are not linear-layer weights: kept dense unless a recipe targets them.
 NOT_LINEAR = re.compile(r"(embed|wte|wpe|lm_head|norm|ln_|position|token_type|shared\.weight)", re.I)
 
@@ -51,7 +53,8 @@ class Recipe:
     dtype: str = "nf"
     double_quant: bool = False
     scale_dtype: str = "fp16"
-    scale_search: int = 4  # candidate scales per block; 1 = plain absmax (bitsandbytes' codes exactly)
+    scale_search: int | None = None  # candidate scales per block; 1 = plain absmax; None: see plan.auto_search
+    method: str = "rtn"  # rtn (round to nearest) | gptq (needs calibration data)
     targets: list[str] | None = None  # None: default linear weights
     ignore: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
@@ -79,7 +82,9 @@ def check_settings(settings: dict, where: str) -> dict:
         raise bad_input(f"{where}: double_quant must be true or false, got {out['double_quant']!r}")
     if "scale_dtype" in out and out["scale_dtype"] not in SCALE_DTYPES:
         raise bad_input(f"{where}: scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {out['scale_dtype']!r}")
-    if "scale_search" in out:
+    if "method" in out and out["method"] not in METHODS:
+        raise bad_input(f"{where}: method must be one of {', '.join(METHODS)}, got {out['method']!r}")
+    if out.get("scale_search") is not None:
         n = out["scale_search"]
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
             raise bad_input(f"{where}: scale_search must be an integer from 1 (plain absmax) to 16, got {n!r}")
@@ -200,10 +205,11 @@ def parse_override(text: str) -> Override:
 
 
 def with_flags(recipe: Recipe, *, bits=None, block_size=None, dtype=None, double_quant=None, scale_dtype=None,
-               scale_search=None, targets=None, ignore=None, overrides=()) -> Recipe:
+               scale_search=None, method=None, targets=None, ignore=None, overrides=()) -> Recipe:
     """Flags override the recipe: settings replace, targets replace, ignore and overrides are appended."""
     flags = {k: v for k, v in dict(bits=bits, block_size=block_size, dtype=dtype, double_quant=double_quant,
-                                   scale_dtype=scale_dtype, scale_search=scale_search).items() if v is not None}
+                                   scale_dtype=scale_dtype, scale_search=scale_search, method=method).items()
+             if v is not None}
     flags = check_settings(flags, "flags")
     out = replace(recipe, **flags)
     if targets:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from kbitcli.core.blockwise import Spec, dequantize, quantize
 from kbitcli.core.codebooks import DTYPES
+from kbitcli.plan import auto_search
 from kbitcli.recipes import Recipe, is_default_target
 
 SUBSET = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.key.weight",
@@ -50,9 +51,9 @@ def ours(spec: Spec):
 
 
 def default_spec(**changes) -> Spec:
-    r = Recipe()  # the CLI's defaults: k = 4, B = 64, nf, fp16 scales, scale search
+    r = Recipe()  # the CLI's defaults: k = 4, B = 64, nf, fp16 scales, data-free scale choice
     s = dict(bits=r.bits, block_size=r.block_size, dtype=r.dtype, double_quant=r.double_quant,
-             scale_dtype=r.scale_dtype, scale_search=r.scale_search)
+             scale_dtype=r.scale_dtype, scale_search=auto_search(r.settings(), calibrated=False))
     return Spec(**{**s, **changes})
 
 
@@ -66,8 +67,13 @@ def test_nf4_at_least_bitsandbytes(linear):
     assert round(reference, 2) == 20.55  # REFERENCE.md's figure for the same tensors
     spec = default_spec()
     assert (spec.bits, spec.block_size, spec.dtype) == (4, 64, "nf")
+    # the data-free default is plain absmax (issue 8: the unweighted search lost nats on SmolLM2), so it is
+    # bitsandbytes' NF4 up to the rounding of its scales to fp16
     measured = aggregate_sqnr(linear, ours(spec))
-    assert measured >= reference and measured >= 20.55, (measured, reference)
+    assert abs(measured - reference) < 0.01, (measured, reference)
+    # the unweighted search still lowers tensor error (what it was built for), which is not model loss
+    searched = aggregate_sqnr(linear, ours(default_spec(scale_search=4)))
+    assert searched >= reference + 0.4, (searched, reference)
     # plain absmax with fp32 scales is bitsandbytes' NF4 exactly
     plain = aggregate_sqnr(linear, ours(default_spec(scale_search=1, scale_dtype="fp32")))
     assert plain == reference

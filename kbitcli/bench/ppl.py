@@ -34,8 +34,12 @@ def quantized_bits(path: str) -> dict:
 
 def bench_ppl(model_path: str, text_path: str, recipe: Recipe | None = None, *, context: int | None = None,
               stride: int | None = None, split_on: str | None = "auto", max_tokens: int | None = None,
-              max_lines: int | None = None, simulate: bool = False, progress=None) -> dict:
-    """recipe None: the default recipe for a dense MODEL; must be None for an already k-bit MODEL."""
+              max_lines: int | None = None, simulate: bool = False, progress=None, baseline: str | None = None,
+              calib=None) -> dict:
+    """recipe None: the default recipe for a dense MODEL; must be None for an already k-bit MODEL.
+    baseline: the dense original of an already quantized MODEL (kbit, bnb, compressed-tensors, GGUF, a merged
+    finetune): the checkpoint is then scored against it, not against its own decoded weights.
+    calib: a Calibration for encoding a dense MODEL (GPTQ / importance-weighted RTN)."""
     from kbitcli.decode import decode
     from kbitcli.encode import encode, plan_source
     from kbitcli.formats.source import open_source
@@ -51,33 +55,48 @@ def bench_ppl(model_path: str, text_path: str, recipe: Recipe | None = None, *, 
             raise bad_input(f"{name} {v}: must be at least 1")
     ctx, stride = ev.check_context(context, stride, ev.max_positions(model_path), DEFAULT_CONTEXT)
     already = is_quantized_checkpoint(model_path)
-    if already and recipe is not None:
+    if already and (recipe is not None or calib is not None):
         raise bad_input(f"{model_path} is already a k-bit checkpoint; encode options apply to a dense MODEL "
                         "(drop them, or point at the dense original)")
+    if baseline is not None:
+        if not already:
+            raise bad_input(f"--baseline is for an already quantized MODEL; {model_path} is dense (it is its own baseline)")
+        if not os.path.isdir(baseline) or is_quantized_checkpoint(baseline):
+            raise bad_input(f"--baseline {baseline}: must be the dense original model folder")
     with tempfile.TemporaryDirectory(prefix="kbit-bench-ppl-") as tmp:
-        if already:
+        if already and baseline is not None:
+            dense, tok = load_model(baseline, dtype="fp32")
+            quant, _ = load_model(model_path, dtype="fp32", tokenizer=False)
+            bits, recipe_info, evaluation = quantized_bits(model_path), None, "kbit"
+            baseline_info = {"source": "dense", "path": baseline}
+        elif already:
             dense_path = os.path.join(tmp, "decoded")
             decode(model_path, dense_path, "fp32")
             dense, tok = load_model(dense_path, dtype="fp32")
             quant, _ = load_model(model_path, dtype="fp32", tokenizer=False)
             bits, recipe_info, evaluation = quantized_bits(model_path), None, "kbit"
-            baseline = {"source": "decoded", "path": model_path,
-                        "note": "baseline is the decoded k-bit checkpoint (kbit decode), not the original dense model"}
+            baseline_info = {"source": "decoded", "path": model_path,
+                             "note": "baseline is the decoded k-bit checkpoint (kbit decode), not the original dense "
+                                     "model; pass --baseline DENSE to score it against its original"}
         else:
             recipe = recipe or Recipe()
             dense, tok = load_model(model_path, dtype="fp32")
-            plan = plan_source(open_source(model_path), recipe)
+            plan = plan_source(open_source(model_path), recipe, calibrated=calib is not None)
             s = plan.summary()
             bits = {"bits_per_param": s["bits_per_param_quantized"], "bits_per_param_model": s["bits_per_param_model"]}
             recipe_info = recipe.settings()
-            baseline = {"source": "dense", "path": model_path}
+            baseline_info = {"source": "dense", "path": model_path}
+            if simulate and calib is not None:
+                raise bad_input("--simulate quantizes with round-to-nearest only; drop it with --calib")
             if simulate:
                 quant, evaluation = copy.deepcopy(dense), "simulated"
             else:
                 kbit_path = os.path.join(tmp, "kbit")
-                encode(model_path, kbit_path, recipe)
+                enc = encode(model_path, kbit_path, recipe, calib=calib)
                 quant, _ = load_model(kbit_path, dtype="fp32", tokenizer=False)
                 evaluation = "kbit"
+                if enc.get("calibration"):
+                    recipe_info = {**recipe_info, "calibration": enc["calibration"]}
         if tok is None:
             raise bad_input(f"{model_path}: no tokenizer files (tokenizer.json / tokenizer.model / vocab.txt) to read the text with")
         out = {"model": model_path, "kind": kind, "text": text_path, "context": ctx,
@@ -89,7 +108,7 @@ def bench_ppl(model_path: str, text_path: str, recipe: Recipe | None = None, *, 
             result = _measure(kind, dense, quant, tok, text, ctx, stride, split_on, max_tokens, max_lines, progress)
     base, q, extra = result
     out.update(extra)
-    out["baseline"] = {**baseline, **base}
+    out["baseline"] = {**baseline_info, **base}
     out["quantized"] = {**q, **bits, "recipe": recipe_info}
     out["seconds"] = round(time.time() - t0, 3)
     return out

@@ -8,8 +8,9 @@ import typer
 from rich.table import Table
 
 from kbitcli.commands.bench import bench_app
-from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
+                                     DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
+                                     ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt, calibration_from_options,
                                      recipe_from_options)
 from kbitcli.commands.common import JsonOpt, QuietOpt, run
 
@@ -68,8 +69,11 @@ def bench_ppl_cmd(
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    method: Optional[str] = MethodOpt, calib: Optional[str] = CalibOpt, calib_tokens: Optional[int] = CalibTokensOpt,
+    seed: int = SeedOpt, damp: Optional[float] = DampOpt, act_order: bool = ActOrderOpt,
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Dense original of an already quantized MODEL (kbit, bnb, compressed-tensors, GGUF folder): score MODEL against it."),
     as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
     """Perplexity, KL divergence and top-1 agreement of a k-bit model against its dense original."""
@@ -77,8 +81,10 @@ def bench_ppl_cmd(
 
     def work(con):
         r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override,
-                                scale_search)
+                                scale_search, method)
+        c = calibration_from_options(calib, calib_tokens, seed, damp, act_order)
         return bench_ppl(model, text, r, context=context, stride=stride, split_on=split_on, max_tokens=max_tokens,
-                         max_lines=max_lines, simulate=simulate, progress=step_progress(quiet, con))
+                         max_lines=max_lines, simulate=simulate, progress=step_progress(quiet, con), baseline=baseline,
+                         calib=c)
 
     run(work, as_json=as_json, quiet=quiet, show=show)

@@ -9,8 +9,9 @@ from rich.table import Table
 
 from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
-from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt)
+from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
+                                     DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
+                                     ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt, calibration_from_options)
 from kbitcli.encode import DEFAULT_SHARD, encode
 from kbitcli.recipes import Recipe, load_recipe, with_flags
 
@@ -48,6 +49,8 @@ def encode_cmd(
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    method: Optional[str] = MethodOpt, calib: Optional[str] = CalibOpt, calib_tokens: Optional[int] = CalibTokensOpt,
+    seed: int = SeedOpt, damp: Optional[float] = DampOpt, act_order: bool = ActOrderOpt,
     targets: Optional[List[str]] = TargetsOpt, ignore: Optional[List[str]] = IgnoreOpt,
     override: Optional[List[str]] = OverrideOpt,
     max_shard_size: str = typer.Option(DEFAULT_SHARD, "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
@@ -65,8 +68,10 @@ def encode_cmd(
         base = load_recipe(recipe) if recipe else Recipe(**format_defaults(fmt))
         k = int(gguf_type[1]) if bits is None and gguf_type and gguf_type[1:2].isdigit() else bits
         r = with_flags(base, bits=k, block_size=block_size, dtype=dtype, double_quant=double_quant,
-                       scale_dtype=scale_dtype, scale_search=scale_search, targets=targets, ignore=ignore, overrides=override or ())
+                       scale_dtype=scale_dtype, scale_search=scale_search, method=method, targets=targets,
+                       ignore=ignore, overrides=override or ())
+        c = calibration_from_options(calib, calib_tokens, seed, damp, act_order)
         return encode(src, dst, r, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
-                      progress=progress_for(quiet, con), fmt=fmt, gguf_type=gguf_type)
+                      progress=progress_for(quiet, con), fmt=fmt, gguf_type=gguf_type, calib=c)
 
     run(work, as_json=as_json, quiet=quiet, show=show_plan)

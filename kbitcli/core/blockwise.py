@@ -45,6 +45,7 @@ class Spec:
     double_quant: bool = False
     scale_dtype: str = "fp16"
     scale_search: int = 1  # candidate scales per block (1 = plain absmax); see scale_search.py
+    method: str = "rtn"  # rtn | gptq: how the codes were chosen (the decoder does not care); see core/gptq.py
 
 
 @dataclass

@@ -29,7 +29,7 @@ NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 def tensor_meta(tp) -> dict:
     s = tp.spec
     meta = {"bits": s.bits, "block_size": s.block_size, "dtype": s.dtype, "double_quant": s.double_quant,
-            "scale_dtype": s.scale_dtype, "scale_search": s.scale_search, "shape": list(tp.shape), "orig_dtype": DTYPE_NAMES[tp.dtype],
+            "scale_dtype": s.scale_dtype, "scale_search": s.scale_search, "method": s.method, "shape": list(tp.shape), "orig_dtype": DTYPE_NAMES[tp.dtype],
             "codebook": f"{tp.name}.codebook" if s.dtype == "quantile" else f"kbit.codebook.{s.dtype}{s.bits}"}
     if s.double_quant:
         meta["scales_codebook"] = "kbit.codebook.dynamic8"  # the table the 8-bit scale codes index

@@ -1,0 +1,153 @@
+"""Model-level quality of kbit's methods side by side with bitsandbytes NF4, on the same tokens, in one run.
+
+For each model: the dense fp32 model scores the evaluation text once; every configuration is then scored on
+the same windows: ΔNLL vs dense, KL(dense || quantized), top-1 agreement (causal LMs), or the cosine of
+mean-pooled embeddings (encoders). kbit configurations are real encodes loaded with `load_model` (k-bit
+layers); bitsandbytes NF4 is bnb's own quantize_4bit / dequantize_4bit (blocks of 64) put into a dense copy.
+Calibration text and evaluation text are different files, so the score is on text calibration never saw.
+
+    python benchmarks/calibration_quality.py --model kbitcli/assets/stories260K --model /path/smollm2 \\
+        --calib ../shared/assets/text/wikitext2_valid.txt --eval kbitcli/assets/text/tinystories_v2_valid_first48k.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kbitcli.bench import evaluate as ev  # noqa: E402
+from kbitcli.calibration.data import Calibration  # noqa: E402
+from kbitcli.encode import encode, plan_source  # noqa: E402
+from kbitcli.formats.source import open_source  # noqa: E402
+from kbitcli.models.load import load_model  # noqa: E402
+from kbitcli.recipes import Recipe  # noqa: E402
+
+# (label, recipe settings, calibrated)
+CONFIGS = {
+    "bnb": ("bitsandbytes NF4 b64", None, False),
+    "default": ("kbit nf4 b64, data-free default", {}, False),
+    "search4": ("kbit nf4 b64, unweighted scale search 4 (old default)", {"scale_search": 4}, False),
+    "rtn-calib": ("kbit nf4 b64, rtn + calib (importance-weighted scales)", {"method": "rtn"}, True),
+    "gptq": ("kbit nf4 b64, gptq", {"method": "gptq"}, True),
+    "gptq-act": ("kbit nf4 b64, gptq --act-order", {"method": "gptq"}, "act"),
+    "rtn3": ("kbit nf3 b64, data-free rtn", {"bits": 3}, False),
+    "rtn3-calib": ("kbit nf3 b64, rtn + calib", {"bits": 3, "method": "rtn"}, True),
+    "gptq3": ("kbit nf3 b64, gptq", {"bits": 3, "method": "gptq"}, True),
+}
+
+
+def bnb_model(dense, names: list[str]):
+    import bitsandbytes.functional as F
+
+    m = copy.deepcopy(dense)
+    params = dict(m.named_parameters())
+    for n in names:
+        p = params[n] if n in params else params[n.split(".", 1)[1]]
+        w = p.data
+        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        p.data = F.dequantize_4bit(q, state).to(w.dtype).view_as(w)
+    return m
+
+
+def run_model(path: str, args, configs: list[str]) -> list[dict]:
+    dense, tok = load_model(path, dtype="fp32")
+    kind = ev.model_kind(path)
+    text = ev.read_text(args.eval)
+    if kind == "causal":
+        ctx, _ = ev.check_context(args.context, None, ev.max_positions(path), 512)
+        windows, _ = ev.causal_windows(tok, text, ctx, ctx, "auto", args.max_tokens)
+        ref = ev.CausalReference(dense, windows)
+        base = ref.baseline()
+
+        def score(model):
+            return ref.compare(model)
+    else:
+        lines = ev.encoder_lines(text, args.max_lines)
+        emb_d, _ = ev.embed(dense, tok, lines, 256)
+        base = {}
+
+        def score(model):
+            return ev.cosine_stats(emb_d, ev.embed(model, tok, lines, 256)[0])
+
+    rows = [{"model": path, "config": "dense", "label": "dense fp32", **base, "tokens": getattr(ref, "tokens", None) if kind == "causal" else None}]
+    targets = [t.name for t in plan_source(open_source(path), Recipe()).quantized]
+    for key in configs:
+        label, settings, calibrated = CONFIGS[key]
+        t0 = time.time()
+        if settings is None:
+            q = bnb_model(dense, targets)
+            extra = {}
+        else:
+            calib = None
+            if calibrated:
+                calib = Calibration(args.calib, args.calib_tokens, args.seed, act_order=calibrated == "act")
+            with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+                out = os.path.join(tmp, "q")
+                enc = encode(path, out, Recipe(**settings), calib=calib)
+                q, _ = load_model(out, dtype="fp32", tokenizer=False)
+            extra = {"bits_per_param": enc["bits_per_param_quantized"],
+                     "encode_seconds": enc["seconds"],
+                     "calibration_seconds": (enc.get("calibration") or {}).get("seconds")}
+        r = score(q)
+        row = {"model": path, "config": key, "label": label, **r, **extra, "seconds": round(time.time() - t0, 1)}
+        if kind == "causal":
+            row["delta_nll"] = r["nll"] - base["nll"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    bnb = next((r for r in rows if r["config"] == "bnb"), None)
+    for r in rows:
+        if bnb and "delta_nll" in r and bnb.get("delta_nll"):
+            r["vs_bnb"] = r["delta_nll"] / bnb["delta_nll"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| model | method | b/p | nll | ΔNLL vs dense | vs bnb NF4 | KL | top-1 | cos mean | cos min | s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
+        out.append(f"| {os.path.basename(r['model'].rstrip('/'))} | {r['label']} | {f('bits_per_param', '{:.3f}')} | "
+                   f"{f('nll', '{:.4f}')} | {f('delta_nll', '{:+.4f}')} | {f('vs_bnb', '{:.2f}×')} | "
+                   f"{f('kl_divergence', '{:.4f}')} | {f('top1_agreement', '{:.3f}')} | {f('cosine_mean', '{:.4f}')} | "
+                   f"{f('cosine_min', '{:.4f}')} | {f('seconds', '{}')} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--max-lines", type=int, default=None)
+    ap.add_argument("--context", type=int, default=None)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tmp", default=None)
+    ap.add_argument("--json", default=None, help="write all rows to this file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for m in args.model:
+        rows += run_model(m, args, args.configs.split(","))
+    print(markdown(rows))
+    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; calib {args.calib} "
+          f"({args.calib_tokens} tokens), eval {args.eval}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ import torch
 
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import KbitCheckpoint, shard_names
-from kbitcli.formats.output import AtomicOutput, check_destination
+from kbitcli.formats.output import AtomicOutput, check_destination, check_not_overlapping
 from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
 from kbitcli.formats.source import copy_side_files
 from kbitcli.parallel import default_workers, ordered_map, single_threaded_torch
@@ -62,7 +62,8 @@ def decode(src: str, dst: str, dtype: str | None = None, *, force: bool = False,
     progress = progress or NullProgress()
     ck = open_checkpoint(src)
     want = out_dtype(dtype)
-    check_destination(dst, force)
+    check_not_overlapping(dst, [src])
+    check_destination(dst, force, folder=ck.is_folder)
     entries = []
     for n in ck.names:
         od = ck.orig_dtype(n)

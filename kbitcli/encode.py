@@ -86,10 +86,13 @@ def shard_layout(plan: Plan, shard: list) -> tuple[dict, list, dict]:
     return used, entries, file_metadata({t.name: tensor_meta(t) for t in shard if t.quantized})
 
 
-def _check_dst(dst: str, src_path: str, force: bool) -> None:
-    check_destination(dst, force)
-    if os.path.abspath(dst) == os.path.abspath(src_path):
-        raise bad_input(f"{dst}: destination is the source; choose another path")
+def _check_dst(dst: str, src_path: str, force: bool, recipe: Recipe | None = None, calib=None) -> None:
+    from kbitcli.formats.output import check_not_overlapping
+
+    others = [("--calib", calib.path if calib is not None else None),
+              ("--recipe", recipe.source if recipe is not None and os.path.isfile(recipe.source) else None)]
+    check_not_overlapping(dst, [src_path, *others])  # first: --force must not be suggested when it would be refused
+    check_destination(dst, force, folder=os.path.isdir(src_path))  # a file SRC gives a file: `DST/` is refused
 
 
 def encode_tensor(src: Source, t, tensor_hook=None, spill=None) -> dict[str, torch.Tensor]:
@@ -138,8 +141,15 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
 
         module = format_module(fmt)
         options = {"gguf_type": gguf_type} if fmt == "gguf" else {}
+        if calib is not None:  # the format quantizes on its own grid during the calibration run
+            import inspect
+
+            if "calib" not in inspect.signature(module.export).parameters:
+                raise bad_input(f"--format {fmt} does not take calibration yet (--calib, --method gptq); "
+                                "use --format kbit, bnb or gguf, or leave out --calib")
+            options["calib"] = calib
         if not dry_run:
-            _check_dst(dst, src_path, force)
+            _check_dst(dst, src_path, force, recipe, calib)
         result = module.export(src, src_path, dst, plan, recipe, recipe_dict(recipe), force=force, dry_run=dry_run,
                                progress=progress, max_shard_bytes=limit, **options)
         result["seconds"] = round(time.time() - t0, 3)
@@ -153,7 +163,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
               "plan": [t.as_dict() for t in plan.tensors], "recipe": recipe_dict(recipe)}
     if dry_run:
         return result
-    _check_dst(dst, src_path, force)
+    _check_dst(dst, src_path, force, recipe, calib)
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
     workers = 1 if tensor_hook is not None else default_workers()  # a hook need not be thread-safe
     names = shard_names(len(plan.shards))
@@ -219,4 +229,4 @@ def _spill(calib, dst: str):
         return contextlib.nullcontext()
     from kbitcli.calibration.spill import Spill
 
-    return Spill(os.path.dirname(os.path.abspath(dst)))
+    return Spill(dst)

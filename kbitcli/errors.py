@@ -13,3 +13,8 @@ class KbitError(Exception):
 
 def bad_input(message: str) -> KbitError:
     return KbitError(message, exit_code=2)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, kill, docker stop), raised while kbit writes an output so that it cleans up exactly as
+    for Ctrl-C (a KeyboardInterrupt); the CLI says which of the two it was."""

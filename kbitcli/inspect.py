@@ -10,9 +10,9 @@ import os
 from kbitcli.core.blockwise import Spec, layout_bits
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import MANIFEST, KbitCheckpoint, looks_kbit
-from kbitcli.formats.output import verify_records
+from kbitcli.formats.output import checkpoint_files, verify_records
 from kbitcli.formats.safetensors_stream import nbytes
-from kbitcli.formats.source import open_source
+from kbitcli.formats.source import inside, open_source
 from kbitcli.recipes import is_default_target
 
 
@@ -72,14 +72,21 @@ def _manifest_for(path: str, ck: KbitCheckpoint) -> tuple[dict, str]:
         raise bad_input(f"{side} not found; cannot verify a single file without its manifest")
     import json
 
-    with open(side) as fh:
-        return json.load(fh), os.path.dirname(os.path.abspath(path))
+    try:
+        with open(side) as fh:
+            return json.load(fh), os.path.dirname(os.path.abspath(path))
+    except (OSError, ValueError):
+        return None, os.path.dirname(os.path.abspath(path))  # damaged: verify_manifest reports it
 
 
 def verify_manifest(path: str, ck: KbitCheckpoint) -> dict:
     manifest, root = _manifest_for(path, ck)
+    if not isinstance(manifest, dict):
+        manifest = {"outputs": None}  # damaged: verify_records says so
+    # every file of the checkpoint must be listed: a manifest that leaves one out vouches for nothing
+    required = checkpoint_files(root, ck.files) if ck.is_folder else [path]
     return verify_records(path, manifest.get("outputs", []),
-                          lambda rec: os.path.join(root, rec["name"]) if ck.is_folder else path)
+                          lambda rec: inside(root, rec["name"], MANIFEST) if ck.is_folder else path, required)
 
 
 def _inspect_dense(path: str) -> dict:

@@ -49,7 +49,7 @@ class TensorPlan:
         return nbytes(self.dtype, self.shape)
 
     def bits_per_param(self) -> float:
-        return self.out_bytes() * 8 / self.numel
+        return self.out_bytes() * 8 / self.numel if self.numel else 0.0
 
     def as_dict(self) -> dict:
         d = {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
@@ -151,9 +151,10 @@ def make_plan(names_infos, recipe: Recipe, max_shard_bytes: int | None = None, c
     plans = []
     for name, dtype, shape in items:
         is_float = dtype.is_floating_point
-        quantizable = is_float and len(shape) >= 2  # 1-D tensors (norms, biases) are never quantized
+        # 1-D tensors (norms, biases) are never quantized; nor is an empty tensor (nothing to scale): copied dense
+        quantizable = is_float and len(shape) >= 2 and math.prod(shape) > 0
         if recipe.targets is None:
-            targeted, rule = is_default_target(name, shape, is_float), "default"
+            targeted, rule = quantizable and is_default_target(name, shape, is_float), "default"
         else:
             hits = [p for p in recipe.targets if matches(p, name)]
             for p in hits:

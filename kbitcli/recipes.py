@@ -168,14 +168,25 @@ def from_dict(data, where: str) -> Recipe:
 
 
 def read_yaml(path: str, what: str = "recipe", example: str = "recipes/"):
-    """The parsed YAML of a recipe-like file; a missing or malformed file is one line naming it."""
+    """The parsed YAML of a recipe-like file; a missing, malformed or oversized file (bytes, alias expansion,
+    depth: see safe_yaml.py) is one line naming it."""
+    from kbitcli import safe_yaml
+
     try:
-        with open(path) as fh:
-            return yaml.safe_load(fh)
-    except (FileNotFoundError, IsADirectoryError):
+        with open(path, "rb") as fh:
+            raw = fh.read(safe_yaml.MAX_BYTES + 1)  # bounded: a FIFO or /dev/zero has no size to check first
+        if len(raw) > safe_yaml.MAX_BYTES:
+            raise bad_input(f"{path}: larger than {safe_yaml.MAX_BYTES >> 20} MB; a {what} is a small text file "
+                            f"(see {example})")
+        return safe_yaml.load(raw.decode("utf-8"), path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise bad_input(f"{path}: {what} not found; see {example} for examples") from None
+    except PermissionError:
+        raise bad_input(f"{path}: {what} is not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise bad_input(f"{path}: not UTF-8 text; a {what} is a YAML text file (see {example})") from None
     except yaml.YAMLError as e:
-        raise bad_input(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise bad_input(f"{path}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
 
 
 def load_recipe(path: str | None) -> Recipe:

@@ -21,7 +21,7 @@ from kbitcli.recipes import Recipe, with_flags
 
 GRID_KEYS = {"bits": "bits", "k": "bits", "block": "block_size", "block_size": "block_size", "dtype": "dtype",
              "type": "dtype", "data_type": "dtype", "double_quant": "double_quant", "dq": "double_quant",
-             "scale_search": "scale_search", "search": "scale_search"}
+             "scale_search": "scale_search", "search": "scale_search", "method": "method"}
 GRID_EXAMPLE = "bits=2..8 block=32,64,128 dtype=nf,fp,int"
 
 
@@ -36,7 +36,7 @@ def parse_grid(specs) -> dict[str, list]:
         if not sep or not key or not values:
             raise bad_input(f"{where}: expected KEY=VALUES, e.g. {GRID_EXAMPLE}")
         if key not in GRID_KEYS:
-            raise bad_input(f"{where}: unknown key {key!r}; use bits, block, dtype, double_quant or scale_search "
+            raise bad_input(f"{where}: unknown key {key!r}; use bits, block, dtype, double_quant, scale_search or method "
                             f"({GRID_EXAMPLE})")
         name = GRID_KEYS[key]
         if name in grid:
@@ -74,7 +74,7 @@ def grid_recipes(base: Recipe, grid: dict[str, list] | None) -> list[Recipe]:
     """One recipe per grid cell (the base recipe's settings where the grid says nothing); each is validated."""
     grid = grid or {}
     cells = [{}]
-    for key in ("dtype", "double_quant", "scale_search", "block_size", "bits"):
+    for key in ("method", "dtype", "double_quant", "scale_search", "block_size", "bits"):
         if key in grid:
             cells = [{**c, key: v} for c in cells for v in grid[key]]
     recipes = []

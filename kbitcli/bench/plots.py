@@ -6,7 +6,7 @@ Figures (matplotlib, Agg backend, no display needed): metric against total model
 - plots/block-<B>.png: one per block size; one line per k, its points the data types at that (k, B) (same
   bits, so the spread shows what the data type buys), one panel per model.
 - plots/frontier.png: every cell, with the Pareto frontier drawn through the best ones.
-Lower is better for every metric (nll; 1 - cosine for encoders); both axes are logarithmic.
+Lower is better for every metric (KL to the dense model for causal LMs; 1 - cosine for encoders); both axes are logarithmic.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from kbitcli.formats.output import AtomicOutput
 
 COLUMNS = ("model", "kind", "bits", "block_size", "dtype", "double_quant", "total_bits", "params", "bits_per_param_model",
-           "bits_per_param", "metric_name", "metric", "nll", "ppl", "kl_divergence", "top1_agreement", "cosine_mean",
+           "bits_per_param", "method", "metric_name", "metric", "nll", "ppl", "kl_divergence", "top1_agreement", "cosine_mean",
            "cosine_min", "on_frontier")
 MARKERS = {"nf": "o", "fp": "s", "int": "^", "quantile": "D", "dynamic": "v"}
 
@@ -95,10 +95,10 @@ def _style(ax, model: str, rows: list[dict]):
     ax.set_title(model, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     dense = next((r for r in rows if r["dtype"] == "dense"), None)
-    if dense is not None and metric != "1-cosine":
+    if dense is not None and metric not in ("1-cosine", "kl"):
         ax.axhline(dense["metric"], color="black", linestyle="--", linewidth=1, label=f"dense ({dense['metric']:.4g})")
         ax.plot([dense["total_bits"]], [dense["metric"]], "k*", markersize=9)
-    if metric != "1-cosine":  # nll spans less than a decade: evenly spaced, plainly labelled ticks
+    if metric not in ("1-cosine", "kl"):  # nll spans less than a decade: evenly spaced, plainly labelled ticks
         import numpy as np
         from matplotlib.ticker import NullFormatter
 

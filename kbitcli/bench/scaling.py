@@ -15,6 +15,7 @@ At the end: results.csv / results.json, report.md, plots/*.png and the Pareto fr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -22,6 +23,7 @@ import json
 import os
 import time
 
+import torch
 
 from kbitcli.bench import evaluate as ev
 from kbitcli.bench.error import grid_recipes, is_quantized_checkpoint, open_weights, parse_grid, simulated_quantization
@@ -30,10 +32,11 @@ from kbitcli.formats.output import AtomicOutput
 from kbitcli.plan import make_plan
 from kbitcli.recipes import Recipe, from_dict, load_recipe, read_yaml
 
-STUDY_KEYS = {"name", "text", "models", "grid", "recipe", "context", "stride", "split_on", "max_tokens", "max_lines"}
+STUDY_KEYS = {"name", "text", "models", "grid", "recipe", "context", "stride", "split_on", "max_tokens", "max_lines",
+              "calib", "calib_tokens"}
 MODEL_KEYS = {"path", "name"}
 CELLS = "cells.jsonl"
-CELL_KEY = ("model", "bits", "block_size", "dtype", "double_quant", "scale_search")
+CELL_KEY = ("model", "bits", "block_size", "dtype", "double_quant", "scale_search", "method")
 
 
 def resolve_path(value, base: str, where: str) -> str:
@@ -116,7 +119,17 @@ def load_study(path: str) -> dict:
     if split is not None and not isinstance(split, str):
         raise bad_input(f"{path}: split_on must be 'auto', 'none' or a separator string")
     text = resolve_path(data["text"], base, f"{path}: text")
-    return {"name": str(data.get("name") or os.path.splitext(os.path.basename(path))[0]), "file": path,
+    calib = None
+    if data.get("calib") is not None:
+        from kbitcli.calibration.data import DEFAULT_TOKENS, Calibration
+
+        calib = Calibration(resolve_path(data["calib"], base, f"{path}: calib"), data.get("calib_tokens", DEFAULT_TOKENS))
+        calib.check()
+        if os.path.samefile(calib.path, text):
+            raise bad_input(f"{path}: calib and text are the same file; score on text the calibration never saw")
+    if any(r.method == "gptq" for r in recipes) and calib is None:
+        raise bad_input(f"{path}: the grid has method gptq, which needs calibration text: add `calib: FILE`")
+    return {"calib": calib, "name": str(data.get("name") or os.path.splitext(os.path.basename(path))[0]), "file": path,
             "text": text, "models": resolved, "recipes": recipes, "base_recipe": base_recipe,
             "split_on": split or "none", **opts}
 
@@ -127,9 +140,16 @@ def fingerprint(study: dict) -> str:
         text_sha = hashlib.sha256(fh.read()).hexdigest()
     r = study["base_recipe"]
     key = {"text": text_sha, "recipe": [r.targets, r.ignore, [(o.pattern, o.settings) for o in r.overrides], r.scale_dtype],
-           "version": 2,
+           "version": 3, "calib": _calib_key(study.get("calib")),
            **{k: study[k] for k in ("context", "stride", "split_on", "max_tokens", "max_lines")}}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _calib_key(calib) -> list | None:
+    if calib is None:
+        return None
+    with open(calib.path, "rb") as fh:
+        return [hashlib.sha256(fh.read()).hexdigest(), calib.tokens, calib.seed]
 
 
 def cell_key(cell: dict) -> tuple:
@@ -181,6 +201,7 @@ class ModelEvaluator:
     def __init__(self, model: dict, study: dict, text: str):
         from kbitcli.models.load import load_model
 
+        self.calib = study.get("calib")
         self.name, self.path = model["name"], model["path"]
         self.kind = ev.model_kind(self.path)
         self.reader = open_weights(self.path)
@@ -208,20 +229,22 @@ class ModelEvaluator:
         return math.prod(shape) * dtype.itemsize * 8
 
     def metric(self, model) -> dict:
+        # causal LMs are judged by KL to the dense model: on a few thousand tokens nll differences between
+        # good cells are within noise (a k = 8 cell can score below dense), KL is not (issue 8)
         if self.kind == "causal":
             r = self.ref.compare(model)
-            return {"metric_name": "nll", "metric": r["nll"], **r}
+            return {"metric_name": "kl", "metric": r["kl_divergence"], **r}
         emb, _ = ev.embed(model, self.tok, self.lines, self.context)
         c = ev.cosine_stats(self.ref_emb, emb)
         return {"metric_name": "1-cosine", "metric": 1 - c["cosine_mean"], **c}
 
     def baseline(self) -> dict:
         base = {"model": self.name, "path": self.path, "kind": self.kind, "bits": None, "block_size": None, "dtype": "dense",
-                "double_quant": None, "scale_search": None, "total_bits": self.dense_bits, "params": self.params(),
+                "double_quant": None, "scale_search": None, "method": None, "total_bits": self.dense_bits, "params": self.params(),
                 "bits_per_param_model": self.dense_bits / self.params(), "bits_per_param": None}
         if self.kind == "causal":
             b = self.ref.baseline()
-            return {**base, "metric_name": "nll", "metric": b["nll"], **b, "kl_divergence": 0.0, "top1_agreement": 1.0}
+            return {**base, "metric_name": "kl", "metric": 0.0, **b, "kl_divergence": 0.0, "top1_agreement": 1.0}
         return {**base, "metric_name": "1-cosine", "metric": 0.0, "cosine_mean": 1.0, "cosine_min": 1.0}
 
     def params(self) -> int:
@@ -231,14 +254,48 @@ class ModelEvaluator:
 
     def cell(self, recipe: Recipe) -> dict:
         t0 = time.time()
-        plan = make_plan(self.reader.names_infos, recipe)
+        calibrated = recipe.method == "gptq"  # rtn cells stay data-free: the paper's round-to-nearest
+        plan = make_plan(self.reader.names_infos, recipe, calibrated=calibrated)
         s = plan.summary()
-        with simulated_quantization(self.quant, self.reader, plan):
-            m = self.metric(self.quant)
+        if calibrated:  # GPTQ cells are real encodes (calibration cannot be simulated), decoded into the copy
+            with encoded_weights(self.quant, self.path, recipe, self.calib):
+                m = self.metric(self.quant)
+        else:
+            with simulated_quantization(self.quant, self.reader, plan):
+                m = self.metric(self.quant)
         return {"model": self.name, "path": self.path, "kind": self.kind, "bits": recipe.bits,
                 "block_size": recipe.block_size, "dtype": recipe.dtype, "double_quant": recipe.double_quant,
-                "scale_search": recipe.scale_search, "total_bits": s["bytes_out"] * 8, "params": s["params"], "bits_per_param_model": s["bytes_out"] * 8 / s["params"],
+                "scale_search": recipe.scale_search, "method": recipe.method, "total_bits": s["bytes_out"] * 8, "params": s["params"], "bits_per_param_model": s["bytes_out"] * 8 / s["params"],
                 "bits_per_param": s["bits_per_param_quantized"], **m, "seconds": round(time.time() - t0, 3)}
+
+
+@contextlib.contextmanager
+def encoded_weights(model, path: str, recipe: Recipe, calib):
+    """Inside the block, `model`'s quantized tensors hold the decoded values of a real (calibrated) encode."""
+    import tempfile
+
+    from kbitcli.encode import encode
+    from kbitcli.formats.kbit_format import KbitCheckpoint
+    from kbitcli.models.load import name_mapper
+
+    params = model.state_dict(keep_vars=True)
+    to_model = name_mapper(set(params), getattr(model, "base_model_prefix", ""))
+    saved = {}
+    with tempfile.TemporaryDirectory(prefix="kbit-study-") as tmp:
+        encode(path, os.path.join(tmp, "q"), recipe, calib=calib)
+        ck = KbitCheckpoint(os.path.join(tmp, "q"))
+        try:
+            with torch.no_grad():
+                for name in ck.names:
+                    if ck.is_quantized(name):
+                        p = params[to_model(name)]
+                        saved[to_model(name)] = p.detach().clone()
+                        p.copy_(ck.tensor(name, torch.float32).view(p.shape).to(p.dtype))
+            yield model
+        finally:
+            with torch.no_grad():
+                for target, original in saved.items():
+                    params[target].copy_(original)
 
 
 SAME_BUDGET = 1e-3  # totals within 0.1% are one budget: a 2^k-entry codebook table is not a reason to win
@@ -267,6 +324,7 @@ def describe_cell(c: dict, show_search: bool = False) -> str:
     if c["dtype"] == "dense":
         return "dense"
     return (f"k={c['bits']} block={c['block_size']} {c['dtype']}" + ("+dq" if c["double_quant"] else "")
+            + (" gptq" if c.get("method") == "gptq" else "")
             + (f" search={c.get('scale_search')}" if show_search else ""))
 
 
@@ -311,8 +369,9 @@ def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = 
         progress.start("scaling", 0, todo_total)
     try:
         for model in study["models"]:
-            keys = [(model["name"], None, None, "dense", None, None)] + [
-                (model["name"], r.bits, r.block_size, r.dtype, r.double_quant, r.scale_search) for r in study["recipes"]]
+            keys = [(model["name"], None, None, "dense", None, None, None)] + [
+                (model["name"], r.bits, r.block_size, r.dtype, r.double_quant, r.scale_search, r.method)
+                for r in study["recipes"]]
             if all(k in done for k in keys):
                 cells += [done[k] for k in keys]
                 if progress is not None:

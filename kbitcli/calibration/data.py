@@ -29,6 +29,8 @@ class Calibration:
     damp: float = 0.01
     act_order: bool = False
     seq_len: int | None = None  # default: min(512, the model's positions)
+    true_sequential: bool = True  # calibrate q/k/v, then o, then gate/up, then down, each on quantized inputs
+    asymmetric: bool = False  # GPTQ targets the dense model's layer outputs (GPTAQ), not the quantized stream's
 
     def check(self) -> None:
         if not os.path.isfile(self.path):
@@ -46,7 +48,7 @@ class Calibration:
             digest = hashlib.sha256(fh.read()).hexdigest()
         return {"file": os.path.basename(self.path), "sha256": digest, "tokens_asked": self.tokens,
                 "tokens_used": used_tokens, "windows": windows, "seq_len": seq_len, "seed": self.seed,
-                "damp": self.damp, "act_order": self.act_order}
+                "damp": self.damp, "act_order": self.act_order, "true_sequential": self.true_sequential, "asymmetric": self.asymmetric}
 
 
 def read_calibration_text(path: str) -> str:

@@ -13,6 +13,7 @@ block; (3) put the dequantized weights in place and run the block again: its out
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -76,10 +77,14 @@ def _seq_len(config, calib: Calibration) -> int:
     return seq
 
 
-def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None, log=None) -> dict:
+def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None, log=None, quantizer=None) -> dict:
     """jobs: checkpoint tensor name -> TensorPlan of every quantized tensor (method rtn or gptq). The ones
     inside a block are calibrated (GPTQ, or importance-weighted RTN) and written to `spill`; the rest are left
-    to the plain encoder. Returns the calibration record for the manifest."""
+    to the plain encoder. Returns the calibration record for the manifest.
+
+    quantizer(w, t, H, n, calib) -> (result for spill.put, dequantized fp32 weight) quantizes on another
+    format's grid (e.g. GGUF's); H is sum x x^T over the n calibration tokens ([in, in]) for gptq tensors, and
+    sum x^2 ([in]) for rtn ones. Default: kbit's own grid (a QuantizedTensor)."""
     from kbitcli.models.load import name_mapper
 
     t0 = time.time()
@@ -105,6 +110,8 @@ def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None
     per = max(1, BATCH_TOKENS // seq)
     batches = [windows[i : i + per] for i in range(0, len(windows), per)]
     inputs, kwargs = _capture(model, blocks[0], batches)
+    # asymmetric calibration keeps a second stream: the dense model's own activations, block after block
+    inputs_fp = list(inputs) if calib.asymmetric else None
     model_blocks_prefix = prefix + "."
     calibrated = []
     if progress is not None:
@@ -123,19 +130,37 @@ def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None
             ck = ck_of.get(f"{bprefix}{mname}.weight")
             if ck in jobs and isinstance(mod, _linear_types()):
                 targets[ck] = mod
-        stats = _collect(block, targets, inputs, kwargs, jobs)
-        for ck, mod in targets.items():
-            t = jobs[ck]
-            w = mod.weight.data
-            if not isinstance(mod, nn.Linear):  # GPT-2 Conv1D stores [in, out]: blocks run across outputs
-                raise bad_input(f"{ck}: calibrated quantization of GPT-2 Conv1D weights is not supported yet; "
-                                "use --method rtn without --calib")
-            qt = _quantize(w, t, stats.get(ck), calib)
-            spill.put(ck, qt)
-            calibrated.append(ck)
-            mod.weight.data = dequantize(qt, torch.float32).view_as(w)
-            if log is not None:
-                log(ck)
+        # true sequential (as GPTQModel): layers that read the same input (q, k, v) form a stage, and each
+        # stage is calibrated on the outputs of the stages before it, already quantized
+        stages = _stages(block, targets, inputs[0], kwargs[0]) if calib.true_sequential else [list(targets)]
+        dense_w = {ck: m.weight.data for ck, m in targets.items()} if inputs_fp is not None else None
+        for stage in stages:
+            mods = {ck: targets[ck] for ck in stage}
+            if inputs_fp is not None:
+                stats = _collect_asymmetric(block, mods, inputs, inputs_fp, kwargs, targets, dense_w)
+            else:
+                stats = _collect(block, mods, inputs, kwargs, jobs)
+            for ck in stage:
+                mod = targets[ck]
+                t = jobs[ck]
+                w = mod.weight.data
+                if not isinstance(mod, nn.Linear):  # GPT-2 Conv1D stores [in, out]: blocks run across outputs
+                    raise bad_input(f"{ck}: calibrated quantization of GPT-2 Conv1D weights is not supported yet; "
+                                    "use --method rtn without --calib")
+                if quantizer is not None:
+                    H, n = stats[ck]
+                    result, wq = quantizer(w, t, H, n, calib)
+                else:
+                    result = _quantize(w, t, stats.get(ck), calib)
+                    wq = dequantize(result, torch.float32)
+                spill.put(ck, result)
+                calibrated.append(ck)
+                mod.weight.data = wq.view_as(w)
+                if log is not None:
+                    log(ck)
+        if inputs_fp is not None:
+            with _weights(targets, dense_w):
+                inputs_fp = _forward(block, inputs_fp, kwargs)
         inputs = _forward(block, inputs, kwargs)
         block.to("meta")  # frees the dense block
         if progress is not None:
@@ -153,7 +178,11 @@ def _quantize(w: torch.Tensor, t, stats, calib: Calibration):
     if stats is None:  # a data-free tensor inside a block: quantized as the plain encoder will, for the forward
         return quantize(w, spec, t.name)
     if spec.method == "gptq":
-        H, n = stats
+        if len(stats) == 3:  # asymmetric: the target is the dense output W X_fp, reached from X_q
+            H, C, n = stats
+            w = least_squares_target(w, H, C, calib.damp)
+        else:
+            H, n = stats
         return quantize_gptq(w, spec, t.name, H / n * 2, damp=calib.damp, act_order=calib.act_order,
                              candidates=spec.scale_search)
     H, n = stats  # importance-weighted RTN: imatrix = E[x_j^2]
@@ -182,6 +211,99 @@ def _capture(model, first_block, batches):
     return inputs, kwargs
 
 
+def least_squares_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+    """argmin_q ||X_fp w - X_q q||^2 for every row: q* = (H + damp)^-1 C w with H = X_q^T X_q, C = X_q^T X_fp.
+    GPTQ on q* with the same H then minimises the error against the *dense* layer output (GPTAQ's
+    asymmetric calibration), so each layer also corrects what earlier quantized layers changed in its input."""
+    Hd = H.double().clone()
+    Hd.diagonal().add_(damp * Hd.diagonal().mean().clamp(min=1e-12))
+    # written as w + correction, so the dampening shrinks the correction towards 0, not the weights
+    wt = w.double().t()
+    return (wt + torch.linalg.solve(Hd, (C.double() - H.double()) @ wt)).t().float()
+
+
+@contextlib.contextmanager
+def _weights(mods: dict, weights: dict):
+    """Inside: the modules hold the given weights (e.g. the dense ones); restored on the way out."""
+    saved = {ck: m.weight.data for ck, m in mods.items()}
+    try:
+        for ck, m in mods.items():
+            m.weight.data = weights[ck]
+        yield
+    finally:
+        for ck, m in mods.items():
+            m.weight.data = saved[ck]
+
+
+def _collect_asymmetric(block, stage: dict, inputs, inputs_fp, kwargs, all_targets: dict, dense_w: dict) -> dict:
+    """Per stage layer: (H = sum x_q x_q^T, C = sum x_q x_fp^T, n), pairing each batch's quantized-stream
+    input x_q with the dense model's input x_fp at the same tokens."""
+    out: dict[str, list] = {}
+    seen: dict = {}
+
+    def capture(store):
+        def make(ck):
+            def hook(_mod, args):
+                store[ck] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            return make_hook_holder(hook)
+        return make
+
+    def make_hook_holder(h):
+        return h
+
+    for xq_in, xf_in, (args, kw) in zip(inputs, inputs_fp, kwargs):
+        xf, xq = {}, {}
+        for store, x, weights in ((xf, xf_in, dense_w), (xq, xq_in, None)):
+            handles = [m.register_forward_pre_hook(capture(store)(ck)) for ck, m in stage.items()]
+            try:
+                ctx = _weights(all_targets, weights) if weights is not None else contextlib.nullcontext()
+                with torch.no_grad(), ctx:
+                    block(x, *args, **kw)
+            finally:
+                for h in handles:
+                    h.remove()
+        seen.clear()
+        for ck in stage:
+            key = xq[ck].data_ptr()
+            if key not in seen:
+                seen[key] = ((xq[ck].t() @ xq[ck]).double(), (xq[ck].t() @ xf[ck]).double())
+            acc = out.setdefault(ck, [0, 0, 0])
+            acc[0] = acc[0] + seen[key][0]
+            acc[1] = acc[1] + seen[key][1]
+            acc[2] += xq[ck].shape[0]
+    return {ck: tuple(v) for ck, v in out.items()}
+
+
+def _stages(block, targets: dict, x, args_kw) -> list[list[str]]:
+    """Target layers grouped by the input they read, in the order the block calls them."""
+    calls = []
+    keep = []
+
+    def make_hook(ck):
+        def hook(_mod, args):
+            keep.append(args[0])  # held, so no two inputs share an address during this forward
+            calls.append((ck, args[0].data_ptr(), tuple(args[0].shape)))
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(ck)) for ck, m in targets.items()]
+    try:
+        with torch.no_grad():
+            block(x, *args_kw[0], **args_kw[1])
+    finally:
+        for h in handles:
+            h.remove()
+    stages, last = [], None
+    for ck, ptr, shape in calls:
+        if ck in {c for st in stages for c in st}:
+            continue
+        if (ptr, shape) != last:
+            stages.append([])
+            last = (ptr, shape)
+        stages[-1].append(ck)
+    missed = [ck for ck in targets if all(ck not in st for st in stages)]
+    return stages + ([missed] if missed else [])
+
+
 def _forward(block, inputs, kwargs):
     outs = []
     with torch.no_grad():
@@ -202,9 +324,11 @@ def _collect(block, targets: dict, inputs, kwargs, jobs) -> dict:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             key = (x.data_ptr(), tuple(x.shape), need_full)
             if key not in cache:
-                cache[key] = (x.t() @ x).double() if need_full else x.pow(2).sum(0).double()
+                # the cache holds x itself, so its memory cannot be freed and reused by another input of the
+                # same shape (which would then hit this entry) while the batch runs
+                cache[key] = (x, (x.t() @ x).double() if need_full else x.pow(2).sum(0).double())
             acc = sums.setdefault(ck, [0, 0])
-            acc[0] = acc[0] + cache[key]
+            acc[0] = acc[0] + cache[key][1]
             acc[1] += x.shape[0]
         return hook
 

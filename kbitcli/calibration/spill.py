@@ -13,14 +13,27 @@ from safetensors.torch import save_file
 
 from kbitcli.core.blockwise import QuantizedTensor
 
+def spill_dir(dst: str | None) -> str:
+    """A fresh folder beside DST named like DST's own temporary output (`.DST.kbit-tmp-PID.calib`), so a run
+    killed mid-way leaves something the next run's stale-temp sweep recognises and removes; without a DST, a
+    plain temporary folder."""
+    if dst is None:
+        return tempfile.mkdtemp(prefix="kbit-calib-")
+    parent, base = os.path.split(os.path.abspath(dst))
+    path = os.path.join(parent, f".{base}.kbit-tmp-{os.getpid()}.calib")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
 PARTS = ("codes", "scales", "codebook", "scales_absmax", "scales_offset")
 
 
 class Spill:
     """put(name, QuantizedTensor) writes one small safetensors file; get(name) reads it back."""
 
-    def __init__(self, parent: str | None = None):
-        self.dir = tempfile.mkdtemp(prefix=".kbit-calib-", dir=parent)
+    def __init__(self, dst: str | None = None):
+        self.dir = spill_dir(dst)
         self.files: dict[str, tuple[str, QuantizedTensor]] = {}
 
     def put(self, name: str, qt: QuantizedTensor) -> None:

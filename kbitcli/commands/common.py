@@ -13,7 +13,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kbitcli.errors import KbitError
+from kbitcli.errors import KbitError, Terminated
 from kbitcli.progress import NullProgress, RichProgress
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout (and nothing else there).")
@@ -35,10 +35,11 @@ def run(fn, *, as_json: bool, quiet: bool, show=None):
     try:
         result = fn(con)
     except KbitError as e:
-        print(f"kbit: error: {e}", file=sys.stderr)
+        print(f"kbit: error: {one_line(str(e))}", file=sys.stderr)
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("kbit: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"kbit: {what}; nothing was written", file=sys.stderr)
         raise typer.Exit(1)
     except MemoryError:
         print("kbit: error: out of memory; try a smaller --max-shard-size or close other programs", file=sys.stderr)
@@ -54,6 +55,15 @@ def run(fn, *, as_json: bool, quiet: bool, show=None):
     elif show is not None:
         show(result, con)
     return result
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one line of bounded length: a hostile input (a megabyte-long YAML value, a name full
+    of newlines) must not flood the terminal or a CI log. The start (what is wrong) and the end (the fix) stay."""
+    message = " ".join(message.splitlines())
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 500]} …[{len(message) - limit + 3} characters cut]… {message[-497:]}"
 
 
 def human_bytes(n: float) -> str:

@@ -26,7 +26,7 @@ def show_plan(result: dict, con, limit: int | None = None) -> None:
     for p in rows:
         if p["quantized"]:
             t.add_row(p["name"], "x".join(map(str, p["shape"])), str(p["bits"]), str(p["block_size"]),
-                      p["data_type"] + ("+dq" if p["double_quant"] else ""), f"{p['bits_per_param']:.3f}", p["rule"])
+                      p["data_type"] + ("+dq" if p["double_quant"] else "") + (" gptq" if p.get("method") == "gptq" else ""), f"{p['bits_per_param']:.3f}", p["rule"])
         else:
             t.add_row(f"[dim]{p['name']}[/dim]", "x".join(map(str, p["shape"])), "-", "-", f"[dim]{p['dtype']}[/dim]",
                       f"{p['bits_per_param']:.0f}", f"[dim]{p['rule']}[/dim]")
@@ -38,6 +38,11 @@ def show_plan(result: dict, con, limit: int | None = None) -> None:
               f"{human_bytes(result['bytes_in'])} -> {human_bytes(result['bytes_out'])}"
               + (f" in {result['seconds']} s" if "seconds" in result else "")
               + (" [bold](dry run: nothing written)[/bold]" if result.get("dry_run") else f" -> {result['destination']}"))
+    cal = result.get("calibration")
+    if cal:
+        con.print(f"calibrated on {cal['tokens_used']:,} tokens of {cal['file']} (seed {cal['seed']}) in {cal['seconds']} s; "
+                  f"{cal['calibrated_tensors']} tensors calibrated"
+                  + (f", {len(cal['uncalibrated'])} outside the model's blocks rounded without it" if cal["uncalibrated"] else ""))
     for note in result.get("notes", []):  # --format bnb/compressed-tensors/gguf: what the target format changes
         con.print(f"[yellow]note:[/yellow] {note}")
 

@@ -57,6 +57,9 @@ def finetune_cmd(
     """Train a LoRA adapter on the frozen k-bit model, then optionally merge it (k-bit or dense)."""
 
     def work(con):
+        from kbitcli.formats.output import check_not_overlapping
+
+        check_not_overlapping(out, [("recipe", recipe)])  # --force would delete a recipe kept inside OUT
         cfg = with_flags(load_config(recipe), rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size,
                          context=context, targets=targets, dropout=dropout, seed=seed, warmup=warmup,
                          grad_clip=grad_clip, weight_decay=weight_decay, eval_every=eval_every,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
 
 from kbitcli.commands.app import app
 from kbitcli.commands.common import JsonOpt, QuietOpt, run
+from kbitcli.errors import bad_input
 
 
 def show(result: dict, con) -> None:
@@ -36,9 +38,14 @@ def generate_cmd(
     """Continue a prompt with MODEL (greedy by default): the quick way to see a k-bit model work."""
     from kbitcli.models.generate import generate
 
-    if threads:
-        import torch
+    def work(con):
+        if threads is not None:
+            if threads < 1:  # torch raises a bare RuntimeError for it
+                raise bad_input(f"--threads {threads}: give a number of CPU threads, at least 1 "
+                                f"(this machine has {os.cpu_count()})")
+            import torch
 
-        torch.set_num_threads(threads)
-    run(lambda con: generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                             dtype=dtype), as_json=as_json, quiet=quiet, show=show)
+            torch.set_num_threads(threads)
+        return generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, dtype=dtype)
+
+    run(work, as_json=as_json, quiet=quiet, show=show)

@@ -89,7 +89,11 @@ def restore(tensors: dict[str, torch.Tensor], loras: dict, optimizer: torch.opti
             state[i] = entry
     sd = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
+    try:  # the dropout masks continue where they stopped: without the RNG state the run would not be the same
+        torch.set_rng_state(tensors["rng.cpu"])
+    except (KeyError, RuntimeError, TypeError):
+        raise bad_input(f"{path}: has no usable RNG state (rng.cpu); delete it to resume from the one before, or "
+                        "start over with --force") from None
     cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
     if cuda:
         torch.cuda.set_rng_state_all(cuda)

@@ -22,6 +22,7 @@ Every value is checked before any work is done; an unknown key or a bad value is
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 
@@ -80,6 +81,8 @@ def check(cfg: TrainConfig, where: str) -> TrainConfig:
         v = getattr(cfg, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad_input(f"{where}: {k} must be a number, got {v!r}")
+        if not math.isfinite(v):  # NaN passes every comparison below, and an infinite lr trains to NaN
+            raise bad_input(f"{where}: {k} must be a finite number, got {v}")
     if not isinstance(cfg.rslora, bool):
         raise bad_input(f"{where}: rslora must be true or false, got {cfg.rslora!r}")
     if cfg.rank <= 0:

@@ -34,7 +34,7 @@ from kbitcli.finetune.data import load_blocks
 from kbitcli.finetune.lora import attach_lora, select_targets
 from kbitcli.finetune.progress import NullTrainProgress
 from kbitcli.formats.kbit_format import looks_kbit
-from kbitcli.formats.output import sha256_file
+from kbitcli.formats.output import check_not_overlapping, remove_stale, sha256_file
 
 RUN_FILE = "finetune_run.json"
 LOG_FILE = "train_log.jsonl"
@@ -83,11 +83,14 @@ def check_resume(info: dict, cfg: TrainConfig, data_sha: str, base: str, path: s
 
 
 class StopFlag:
-    """SIGINT sets the flag (the loop stops after the current step); a second SIGINT interrupts at once."""
+    """SIGINT or SIGTERM (timeout, kill, docker stop) sets the flag (the loop stops after the current step and
+    saves a checkpoint); a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
-        self.previous = None
+        self.previous = {}
 
     def _handler(self, signum, frame):
         if self.set:
@@ -96,14 +99,14 @@ class StopFlag:
 
     def __enter__(self):
         try:
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
+            self.previous = {}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
         return False
 
 
@@ -127,6 +130,8 @@ def finetune(model_path: str, out: str, data: str, cfg: TrainConfig | None = Non
             raise bad_input("--merge-dtype applies to --merge dense (a k-bit merge keeps the base's plan)")
         out_dtype(merge_dtype)  # a typo found now, not after the training
     check_model(model_path)
+    # OUT is deleted on --force and filled during the run: it must not be, hold or lie inside any input
+    check_not_overlapping(out, [("base model", model_path), ("--data", data), ("--eval-data", eval_data)])
     check_out(out, resume, force)
     for f, what in ((data, "--data"), (eval_data, "--eval-data")):
         if f is not None and not os.path.isfile(f):
@@ -162,6 +167,8 @@ def finetune(model_path: str, out: str, data: str, cfg: TrainConfig | None = Non
     if not resume and os.path.lexists(out):
         shutil.rmtree(out) if os.path.isdir(out) and not os.path.islink(out) else os.remove(out)
     os.makedirs(out, exist_ok=True)
+    for folder in (out, os.path.join(out, checkpoint.FOLDER)):  # half-written files of a killed earlier run
+        remove_stale(folder)
     log_path = os.path.join(out, LOG_FILE)
     kept = [r for r in curve.read_log(log_path) if r.get("step", 0) <= start_step] if resume else []
     with open(log_path + ".tmp", "w") as fh:
@@ -186,31 +193,37 @@ def finetune(model_path: str, out: str, data: str, cfg: TrainConfig | None = Non
 
     tokens, seconds, first_loss, last_loss, step = 0, 0.0, None, None, start_step
     progress.start(cfg.steps, start_step)
-    interrupted = False
+    interrupted, diverged = False, None
     try:
         with StopFlag() as stop:
-            for rec in train.steps(model, loras, optimizer, blocks, cfg, start_step, device):
-                step = rec["step"]
-                tokens += rec["tokens"]
-                seconds += rec["seconds"]
-                first_loss = rec["loss"] if first_loss is None else first_loss
-                last_loss = rec["loss"]
-                tps = rec["tokens"] / rec["seconds"]
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    _append(log_path, {"step": step, "loss": rec["loss"], "lr": rec["lr"],
-                                       "grad_norm": rec["grad_norm"], "tokens_per_s": round(tps, 1)})
-                progress.update(step, rec["loss"], tps)
-                if on_step is not None:
-                    on_step(rec)
-                if eval_blocks is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    _append(log_path, {"step": step, "eval_loss": train.evaluate(model, eval_blocks, cfg.batch_size, device)})
-                if stop.set:
-                    interrupted = True
-                    break
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    checkpoint.save(out, step, loras, optimizer, info)
+            try:
+                for rec in train.steps(model, loras, optimizer, blocks, cfg, start_step, device):
+                    step = rec["step"]
+                    tokens += rec["tokens"]
+                    seconds += rec["seconds"]
+                    first_loss = rec["loss"] if first_loss is None else first_loss
+                    last_loss = rec["loss"]
+                    tps = rec["tokens"] / rec["seconds"]
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        _append(log_path, {"step": step, "loss": rec["loss"], "lr": rec["lr"],
+                                           "grad_norm": rec["grad_norm"], "tokens_per_s": round(tps, 1)})
+                    progress.update(step, rec["loss"], tps)
+                    if on_step is not None:
+                        on_step(rec)
+                    if eval_blocks is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                        loss = train.evaluate(model, eval_blocks, cfg.batch_size, device)
+                        _append(log_path, {"step": step, "eval_loss": loss})
+                    if stop.set:
+                        interrupted = True
+                        break
+                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                        checkpoint.save(out, step, loras, optimizer, info)
+            except train.Diverged as d:
+                diverged = d
     finally:
         progress.stop()
+    if diverged is not None:
+        _diverged(diverged, out, run, log_path, cfg)
     if interrupted or step < cfg.steps:
         path = checkpoint.save(out, step, loras, optimizer, info)
         write_json(os.path.join(out, RUN_FILE), {**run, "status": "interrupted", "step": step})
@@ -224,6 +237,18 @@ def finetune(model_path: str, out: str, data: str, cfg: TrainConfig | None = Non
     except KeyboardInterrupt:
         raise KbitError(f"interrupted after training; the final checkpoint is in {out}/{checkpoint.FOLDER}; "
                         "run the same command with --resume to write the outputs", exit_code=1) from None
+
+
+def _diverged(d, out: str, run: dict, log_path: str, cfg: TrainConfig) -> None:
+    """Stop at the first non-finite loss, gradient or weight: nothing more is saved (the checkpoints on disk
+    are from good steps), the run file says so, exit 1 with what to change."""
+    _append(log_path, {"step": d.step, "diverged": d.what, "value": str(d.value)})
+    write_json(os.path.join(out, RUN_FILE), {**run, "status": "diverged", "step": d.step - 1, "diverged": str(d)})
+    saved = checkpoint.list_checkpoints(out)
+    last = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved before it"
+    raise KbitError(f"training diverged at step {d.step}: {d.what} is {d.value}; stopped without writing the "
+                    f"adapter ({last}); lower --lr (it was {cfg.lr:g}) or set --grad-clip, and start over with --force",
+                    exit_code=1)
 
 
 def _finish(model, loras, optimizer, cfg, out, run, info, model_path, eval_blocks, eval_before, merge, merge_dtype,

@@ -17,6 +17,15 @@ from kbitcli.finetune.data import batch_indices
 from kbitcli.finetune.lora import lora_parameters
 
 
+class Diverged(Exception):
+    """A step produced a NaN/Inf loss, gradient or weight. Raised before that step changes anything (or, for the
+    weights, before anything is saved), so what is on disk is the last good state."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"step {step}: {what} is {value}")
+        self.step, self.what, self.value = step, what, value
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of step `step` (1-based): linear warmup over warmup_steps, then constant."""
     w = cfg.warmup_steps
@@ -58,9 +67,18 @@ def steps(model, loras: dict, optimizer, blocks: torch.Tensor, cfg: TrainConfig,
             group["lr"] = lr
         ids = blocks[batch_indices(blocks.shape[0], cfg.batch_size, cfg.seed, step)].to(device)
         loss = block_loss(model, ids)
+        if not torch.isfinite(loss):
+            raise Diverged(step, "the loss", loss.item())
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise Diverged(step, "the gradient norm", norm.item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # a finite gradient times a huge lr can still overflow the weights; the adapter is small, so checking
+        # every step costs nothing next to the forward pass
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise Diverged(step, "an adapter weight", float("nan"))
         yield {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": norm.item(), "tokens": ids.numel(),
                "seconds": time.perf_counter() - t0}

@@ -12,7 +12,9 @@ and config.json's `quantization_config` (quant_method "bitsandbytes", load_in_4b
 flattened row-major weight exactly as kbit's do, so kbit's k = 4 `nf` codes (same table, same nibble order)
 are bnb NF4 codes byte for byte. kbit's `fp` at k = 4 is the paper's float (smallest magnitude 1/12); bnb's
 FP4 table differs (smallest magnitude 0.0625/12) and is not sorted, so `--dtype fp` is quantized against
-bnb's own FP4 table and written in its code order; the plan says so.
+bnb's own FP4 table and written in its code order; the plan says so. With --calib (--method gptq, or rtn with
+importance-weighted scales) the codes and absmax come from GPTQ / weighted RTN on that same grid, run block by
+block during calibration (calibrated_4bit).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from kbitcli.core.blockwise import (DQ_BLOCK, QuantizedTensor, Spec, block_absma
 from kbitcli.core.pack import pack
 from kbitcli.core.scale_search import search_scales
 from kbitcli.errors import bad_input
-from kbitcli.formats.export_common import (Item, fix, linear_modules, manifest, module_glob, module_of, refuse,
-                                           require_folder, result_dict, source_dtype_name, who, write_hf_folder)
+from kbitcli.formats.export_common import (Item, calibrate, calibrated_spill, fix, linear_modules, manifest,
+                                           module_glob, module_of, refuse, require_folder, result_dict,
+                                           source_dtype_name, who, write_hf_folder)
 from kbitcli.formats.foreign import DTYPE_NAMES, Files
 
-# scale_search 1: plain absmax, so the default export is bitsandbytes' own quantize_4bit byte for byte
-DEFAULTS = {"bits": 4, "block_size": 64, "dtype": "nf", "scale_dtype": "fp32", "scale_search": 1}
+# scale_search unset: plain absmax data-free (plan.auto_search), so the default export is bitsandbytes' own
+# quantize_4bit byte for byte; with --calib, importance-weighted candidates as the native format has them
+DEFAULTS = {"bits": 4, "block_size": 64, "dtype": "nf", "scale_dtype": "fp32"}
 BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
 QUANT_TYPES = {"nf": "nf4", "fp": "fp4"}
 # bitsandbytes' FP4 (E2M1, bias 2) in code order: bit 3 is the sign; magnitudes are not monotone in the code
@@ -121,8 +125,8 @@ def quantize_4bit(w: torch.Tensor, spec: Spec, name: str) -> dict:
         return {"codes": qt.codes, "absmax": qt.scales, "nested_absmax": qt.scales_absmax, "offset": qt.scales_offset}
     block = spec.block_size
     flat = w.reshape(-1)
-    order = [int(i) for i in torch.argsort(FP4_CODE, stable=True) if int(i) != 8]  # -0 duplicates 0: search 15
-    table, codes_of = FP4_CODE[order], torch.tensor(order, dtype=torch.uint8)
+    table, codes_of = fp4_sorted()  # -0 duplicates 0: search 15
+    codes_of = codes_of.to(torch.uint8)
     step = max(1, CHUNK // block) * block  # whole blocks, an even count: every chunk packs to whole bytes
     absmax = block_absmax(flat, block, name)
     if spec.scale_search > 1:
@@ -142,14 +146,53 @@ def quantize_4bit(w: torch.Tensor, spec: Spec, name: str) -> dict:
     return {"codes": torch.cat(packed), "absmax": absmax, "nested_absmax": amax2, "offset": offset}
 
 
-def produce(item: Item, src) -> dict:
+def fp4_sorted() -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's FP4 table sorted ascending (-0 dropped: it duplicates 0), and each sorted entry's bnb code."""
+    order = [int(i) for i in torch.argsort(FP4_CODE, stable=True) if int(i) != 8]
+    return FP4_CODE[order], torch.tensor(order, dtype=torch.long)
+
+
+def calibrated_4bit(w: torch.Tensor, t, H: torch.Tensor, n: int, calib) -> tuple[dict, torch.Tensor]:
+    """The quantizer of a calibrated bnb export (calibration/sequential.run's hook): GPTQ (H = sum x x^T over n
+    tokens; Hessian 2 H / n) or importance-weighted RTN (H = sum x^2) on bnb's grid. nf4 is kbit's nf k=4 grid
+    with fp32 absmax (or kbit's double quant, which is bnb's), so kbit's own calibrated QuantizedTensor is the bnb
+    layout; fp4 rounds onto bnb's FP4 table sorted, and the sorted index is written as bnb's code.
+    Returns ({codes, absmax[, nested_absmax, offset]}, the dequantized fp32 weight bnb will compute with)."""
+    from kbitcli.core.gptq import gptq, rtn
+    from kbitcli.core.grid import Grid
+    from kbitcli.core.kbit_grid import KbitGrid, quantize_gptq, quantize_weighted
+
+    s = t.spec
+    gptq_method = s.method == "gptq"
+    if s.dtype == "nf":
+        if gptq_method:
+            qt = quantize_gptq(w, s, t.name, H / n * 2, damp=calib.damp, act_order=calib.act_order,
+                               candidates=s.scale_search)
+        else:
+            qt = quantize_weighted(w, s, t.name, H / n, s.scale_search)
+    else:
+        table, code_of = fp4_sorted()
+        g = KbitGrid(w, s, t.name, s.scale_search)
+        g.table, g.grid = table, Grid(table, g.rounding, candidates=s.scale_search)
+        W = w.reshape(w.shape[0], -1).float()
+        if gptq_method:
+            idx, scale, _ = gptq(W, H / n * 2, s.block_size, g.grid, damp=calib.damp, act_order=calib.act_order)
+        else:
+            idx, scale, _ = rtn(W, s.block_size, g.grid, H / n)
+        qt = g.to_quantized(w, code_of[idx], scale)
+        qt = QuantizedTensor(qt.spec, qt.shape, qt.orig_dtype, qt.codes, qt.scales, FP4_CODE.clone(),
+                             qt.scales_absmax, qt.scales_offset)
+    parts = {"codes": qt.codes, "absmax": qt.scales, "nested_absmax": qt.scales_absmax, "offset": qt.scales_offset}
+    return parts, dequantize(qt, torch.float32)
+
+
+def produce(item: Item, src, spill=None) -> dict:
     t = item.plan
-    w = src.get(t.name)
     if not t.quantized:
-        return {t.name: w}
+        return {t.name: src.get(t.name)}
     s = t.spec
     qtype = QUANT_TYPES[s.dtype]
-    q = quantize_4bit(w, s, t.name)
+    q = spill.get(t.name) if spill is not None and t.name in spill else quantize_4bit(src.get(t.name), s, t.name)
     n = t.name
     out = {n: q["codes"].view(-1, 1), f"{n}.absmax": q["absmax"], f"{n}.quant_map": quant_map(qtype)}
     if s.double_quant:
@@ -176,7 +219,9 @@ def quantization_config(plan, linears: set[str], compute_dtype: str) -> dict:
 
 
 def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, force: bool, dry_run: bool, progress,
-           max_shard_bytes) -> dict:
+           max_shard_bytes, calib=None) -> dict:
+    """calib (a calibration.data.Calibration): the model runs block by block first and every quantized tensor
+    inside a block gets GPTQ / importance-weighted RTN codes on bnb's grid (calibrated_4bit)."""
     require_folder(src, "bnb")
     linears = linear_modules(src.config)
     check(plan, recipe, linears)
@@ -204,9 +249,11 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     if dry_run:
         return result
     config = {**src.config, "quantization_config": qc}
-    files = write_hf_folder(src, dst, items, lambda i: produce(i, src), config, force=force,
-                            max_shard_bytes=max_shard_bytes, progress=progress,
-                            meta=manifest("bnb", src, recipe_info, result))
+    with calibrated_spill(calib, dst) as spill:
+        result["calibration"] = calibrate(src, src_path, plan, calib, spill, progress, calibrated_4bit, "bnb")
+        files = write_hf_folder(src, dst, items, lambda i: produce(i, src, spill), config, force=force,
+                                max_shard_bytes=max_shard_bytes, progress=progress,
+                                meta=manifest("bnb", src, recipe_info, result))
     result["files"] = files
     return result
 

@@ -9,14 +9,18 @@ and the Hugging Face folder writer (shards + index + config.json + tokenizer fil
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from kbitcli import __version__
 from kbitcli.errors import bad_input
@@ -167,10 +171,13 @@ def result_dict(fmt: str, src_path: str, dst: str, dry_run: bool, plan: Plan, it
 
 
 def manifest(fmt: str, src, recipe_info: dict, result: dict) -> dict:
+    """The manifest's record; `calibration` is the sequential run's record (None for a data-free export),
+    as the native format's manifest has it."""
     return {"tool": "kbit", "version": __version__, "format": fmt,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": {"path": os.path.abspath(src.path), "files": [file_record(f) for f in src.files]},
-            "recipe": recipe_info, "tensors": result["plan"], "notes": result["notes"]}
+            "recipe": recipe_info, "tensors": result["plan"], "notes": result["notes"],
+            "calibration": result.get("calibration")}
 
 
 # ---- Hugging Face folder writer (bnb, compressed-tensors) ---------------------------------------------
@@ -224,3 +231,61 @@ def source_dtype_name(src) -> str:
     dtypes = {src.info(n)[0] for n in src.names}
     floats = [d for d in dtypes if d.is_floating_point]
     return str(floats[0]).removeprefix("torch.") if len(floats) == 1 else "float32"
+
+
+# ---- calibrated exports (--method gptq / rtn with --calib) ----------------------------------------------
+
+class PartsSpill:
+    """Calibrated tensors of a foreign format, waiting on disk until the writer streams them: put(name, {part:
+    tensor}) writes one small safetensors file (None parts are left out), get(name) reads the dict back. The
+    same protocol as calibration/spill.py's Spill, for whatever tensors a format stores."""
+
+    def __init__(self, dst: str | None = None):
+        from kbitcli.calibration.spill import spill_dir
+
+        self.dir = spill_dir(dst)
+        self.files: dict[str, str] = {}
+
+    def put(self, name: str, parts: dict) -> None:
+        path = os.path.join(self.dir, f"{len(self.files):06d}.safetensors")
+        save_file({k: v.contiguous() for k, v in parts.items() if v is not None}, path)
+        self.files[name] = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> dict:
+        with safe_open(self.files[name], "pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def calibrated_spill(calib, dst: str):
+    """A PartsSpill beside dst when calibrating, else a null context (yields None)."""
+    if calib is None:
+        return contextlib.nullcontext()
+    return PartsSpill(dst)
+
+
+def calibrate(src, src_path: str, plan, calib, spill, progress, quantizer, fmt: str) -> dict | None:
+    """Run the model block by block on the calibration text (calibration/sequential.py), quantizing every
+    target with quantizer(w, t, H, n, calib) -> ({part: tensor} for the spill, dequantized fp32 weight) on the
+    format's own grid. Returns the calibration record for the manifest (None without calib)."""
+    if calib is None:
+        return None
+    from kbitcli.calibration import sequential
+
+    if getattr(calib, "asymmetric", False):
+        raise bad_input(f"--format {fmt}: asymmetric (GPTAQ) calibration is written by the native format only; "
+                        "use --format kbit, or symmetric calibration")
+    jobs = {t.name: t for t in plan.quantized}
+    return sequential.run(src, src_path, jobs, calib, spill, progress, quantizer=quantizer)

@@ -17,9 +17,9 @@ import os
 
 import torch
 
-from kbitcli.errors import bad_input
+from kbitcli.errors import KbitError, bad_input
 from kbitcli.formats.safetensors_stream import TORCH_DTYPES
-from kbitcli.formats.source import _short, open_safetensors
+from kbitcli.formats.source import _short, index_files, open_safetensors
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,11 +35,7 @@ class Files:
             self.config = read_json(os.path.join(path, "config.json"))
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.exists(index):
-                shards = list(dict.fromkeys((read_json(index) or {}).get("weight_map", {}).values()))
-                self.files = [os.path.join(path, f) for f in shards]
-                missing = [f for f in self.files if not os.path.exists(f)]
-                if missing:
-                    raise bad_input(f"{index} names shard {os.path.basename(missing[0])!r}, which is missing")
+                self.files = index_files(path, index)  # each shard inside the folder, present
             elif os.path.exists(os.path.join(path, "model.safetensors")):
                 self.files = [os.path.join(path, "model.safetensors")]
             else:
@@ -165,16 +161,24 @@ def manifest_path(reader) -> str:
 
 def verify(reader) -> dict:
     """Re-hash the files against the manifest kbit wrote beside them (kbit exports only)."""
-    from kbitcli.formats.output import verify_records
+    from kbitcli.formats.output import checkpoint_files, verify_records
+    from kbitcli.formats.source import inside
 
     folder = os.path.isdir(reader.path)
     man_path = manifest_path(reader)
-    man = read_json(man_path)
-    if man is None:
+    if not os.path.exists(man_path):
         raise bad_input(f"{reader.path}: no kbit manifest ({os.path.basename(man_path)}); --verify checks files "
                         "kbit wrote (other tools' checkpoints carry no manifest)")
+    try:
+        man = read_json(man_path)
+    except KbitError:
+        man = None
+    man = man if isinstance(man, dict) else {"outputs": None}  # damaged: verify_records says so
     root = reader.path if folder else os.path.dirname(os.path.abspath(reader.path))
-    return verify_records(reader.path, man.get("outputs", []), lambda rec: os.path.join(root, rec["name"]))
+    # every file of the checkpoint must be listed: a manifest that leaves one out vouches for nothing
+    required = checkpoint_files(root, reader.files) if folder else [reader.path]
+    return verify_records(reader.path, man.get("outputs", []),
+                          lambda rec: inside(root, rec["name"], os.path.basename(man_path)), required)
 
 
 def load_dense(path: str, dtype: torch.dtype | None = None):

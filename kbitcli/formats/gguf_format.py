@@ -2,7 +2,9 @@
 
 GGUF's legacy block types hold 32 values per block with an fp16 scale (`_1`: plus an fp16 minimum). Their
 rounding is llama.cpp's own, done by `gguf.quants.quantize`, not kbit's codebooks: kbit's `int` stands for
-that integer grid. Rows (ggml's ne0 = the input dimension) must be a multiple of 32; a tensor whose rows are
+that integer grid. With --calib (--method gptq, or rtn with importance-weighted scale search) the tensors inside
+the model's blocks are instead quantized on that same grid by GPTQ / weighted RTN (formats/gguf_grid.py) during
+the calibration run, and their codes and scales are packed into the same block bytes. Rows (ggml's ne0 = the input dimension) must be a multiple of 32; a tensor whose rows are
 not (stories260K's FFN of 172) is refused, and may be kept unquantized by the user (`--override X=skip`),
 which writes it F32/F16/BF16 as stored — llama.cpp runs mixed-type files.
 
@@ -25,10 +27,13 @@ import torch
 
 from kbitcli import __version__
 from kbitcli.errors import bad_input
-from kbitcli.formats.export_common import Item, fix, manifest, module_glob, refuse, require_folder, result_dict, who
+from kbitcli.formats import gguf_grid
+from kbitcli.formats.export_common import (Item, calibrate, calibrated_spill, fix, manifest, module_glob, refuse,
+                                           require_folder, result_dict, who)
 from kbitcli.formats.output import AtomicOutput, file_record
 
-DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int", "scale_search": 1}
+# scale_search unset: 1 data-free (llama.cpp's rounding), 8 importance-weighted with --calib (plan.auto_search)
+DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int"}
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 BLOCK, ROW_CHUNK = 32, 1 << 20
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -64,7 +69,7 @@ def type_for(bits: int, variant: str) -> str:
 
 # ---- what GGUF can hold ----------------------------------------------------------------------------------
 
-def check(plan, recipe, gguf_type: str | None, names: dict[str, str]) -> None:
+def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated: bool = False) -> None:
     problems = []
     if gguf_type is not None and int(gguf_type[1]) != recipe.bits:
         problems.append((f"--gguf-type {gguf_type} is {gguf_type[1]}-bit but the recipe/flags ask for "
@@ -92,8 +97,9 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str]) -> None:
         if s.double_quant:
             problems.append((f"{label} stores one fp16 scale per block and {who(t, recipe, 'double_quant')} for "
                              "double-quantized scales", fix(t, recipe, "double_quant", "false", "--no-double-quant")))
-        if s.scale_search != 1:
-            problems.append((f"{label} is rounded by llama.cpp's own quantizer, so kbit's scale search does not apply, "
+        if s.scale_search != 1 and not calibrated:  # with --calib the blocks are rounded on kbit's GGUF grid
+            problems.append((f"{label} is rounded by llama.cpp's own quantizer without --calib, so kbit's scale "
+                             "search does not apply, "
                              f"and {who(t, recipe, 'scale_search')} for {s.scale_search} candidates",
                              fix(t, recipe, "scale_search", 1, "--scale-search 1")))
         if s.scale_dtype != "fp16":
@@ -208,7 +214,10 @@ def vocab(folder: str, config: dict, n_vocab: int) -> dict | None:
 # ---- export -------------------------------------------------------------------------------------------
 
 def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, force: bool, dry_run: bool, progress,
-           max_shard_bytes=None, gguf_type: str | None = None) -> dict:
+           max_shard_bytes=None, gguf_type: str | None = None, calib=None) -> dict:
+    """calib (a calibration.data.Calibration): the model runs block by block first, and every quantized tensor
+    inside a block gets GPTQ / importance-weighted RTN codes on the GGUF type's grid (formats/gguf_grid.py);
+    the rest keep llama.cpp's rounding."""
     g = gguf()
     require_folder(src, "gguf")
     if not dst.endswith(".gguf"):
@@ -219,7 +228,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     names = tensor_names(src.names, cfg.num_hidden_layers)
     tensors = [t for t in plan.tensors if not t.name.endswith("rotary_emb.inv_freq")]
     plan_view = type(plan)(tensors, plan.recipe)
-    check(plan_view, recipe, gguf_type, names)
+    check(plan_view, recipe, gguf_type, names, calibrated=calib is not None)
     variant = (gguf_type or "Q4_0")[-1]
     items = []
     for t in tensors:
@@ -237,7 +246,14 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     quant = [i.kind for i in items if i.plan.quantized]
     ftype = g.LlamaFileType[f"MOSTLY_{max(set(quant), key=quant.count)}"] if quant else g.LlamaFileType.ALL_F32
 
-    with AtomicOutput(dst, folder=False, force=force) as out:
+    qtypes = {i.name: i.extra["qtype"] for i in items}
+
+    def quantizer(w, t, H, n, c):
+        return gguf_grid.quantize(w, qtypes[t.name], H, n, method=t.spec.method, candidates=t.spec.scale_search,
+                                  damp=c.damp, act_order=c.act_order, name=t.name)
+
+    with calibrated_spill(calib, dst) as spill, AtomicOutput(dst, folder=False, force=force) as out:
+        result["calibration"] = calibrate(src, src_path, plan_view, calib, spill, progress, quantizer, "gguf")
         w = g.GGUFWriter(out.tmp, "llama")
         w.add_name(os.path.basename(os.path.normpath(src.path)))
         w.add_quantized_by(f"kbit {__version__}")
@@ -280,7 +296,8 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
         w.write_ti_data_to_file()
         progress.start("export", sum(i.in_bytes() for i in items), len(items))
         for i in items:
-            w.write_tensor_data(encode_tensor(src.get(i.name), i, cfg))
+            parts = spill.get(i.name) if spill is not None and i.name in spill else None
+            w.write_tensor_data(encode_tensor(src.get(i.name) if parts is None else None, i, cfg, parts))
             progress.advance(i.name, i.in_bytes())
         w.close()
         progress.stop()
@@ -291,14 +308,26 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     return result
 
 
-def encode_tensor(w: torch.Tensor, item: Item, cfg) -> np.ndarray:
-    """The bytes of one tensor in its GGUF type, as uint8 [rows, bytes per row] (row chunks bound memory)."""
+def to_llama_rows(w: torch.Tensor, gguf_name: str, cfg) -> torch.Tensor:
+    """q/k rows (or anything indexed by them: codes, block scales) in llama.cpp's rotary order."""
+    if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+        return permute(w, cfg.num_attention_heads, cfg.num_attention_heads)
+    if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+        return permute(w, cfg.num_attention_heads, cfg.num_key_value_heads)
+    return w
+
+
+def encode_tensor(w: torch.Tensor | None, item: Item, cfg, parts: dict | None = None) -> np.ndarray:
+    """The bytes of one tensor in its GGUF type, as uint8 [rows, bytes per row] (row chunks bound memory).
+    parts: a calibrated tensor's {codes, d[, m]} (gguf_grid.quantize), quantized on the HF row order: GPTQ
+    treats rows independently, so its rows (codes and their block scales together) are permuted afterwards,
+    which is the same as quantizing the permuted weight."""
     g = gguf()
     name = item.extra["gguf_name"]
-    if name.endswith(("attn_q.weight", "attn_q.bias")):
-        w = permute(w, cfg.num_attention_heads, cfg.num_attention_heads)
-    elif name.endswith(("attn_k.weight", "attn_k.bias")):
-        w = permute(w, cfg.num_attention_heads, cfg.num_key_value_heads)
+    if parts is not None:
+        rows = {k: to_llama_rows(v, name, cfg) for k, v in parts.items()}
+        return gguf_grid.pack_rows(item.extra["qtype"], rows).reshape(*item.plan.shape[:-1], -1)
+    w = to_llama_rows(w, name, cfg)
     qtype = g.GGMLQuantizationType[item.extra["qtype"]]
     cols = w.shape[-1]
     rows = w.reshape(-1, cols)  # 1-D tensors are one row; written back with their own rank

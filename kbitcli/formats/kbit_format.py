@@ -10,14 +10,18 @@ object {T: {bits, block_size, dtype, double_quant, scale_dtype, shape, orig_dtyp
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 
 import torch
 
-from kbitcli.core.blockwise import QuantizedTensor, Spec
-from kbitcli.errors import bad_input
-from kbitcli.formats.source import _short, open_safetensors
+from kbitcli.core.blockwise import SCALE_DTYPES, QuantizedTensor, Spec, layout
+from kbitcli.core.codebooks import DTYPES, MAX_BITS, MIN_BITS, fixed_codebook
+from kbitcli.errors import KbitError, bad_input
+from kbitcli.formats.safetensors_stream import ST_DTYPES
+from kbitcli.formats.source import _short, index_files, open_safetensors
 
 FORMAT_VERSION = 1
 MANIFEST = "kbit_manifest.json"
@@ -61,14 +65,8 @@ class KbitCheckpoint:
         self.manifest: dict | None = None
         if self.is_folder:
             files = self._folder_files(path)
-            cfg = os.path.join(path, "config.json")
-            if os.path.exists(cfg):
-                with open(cfg) as fh:
-                    self.config = json.load(fh)
-            man = os.path.join(path, MANIFEST)
-            if os.path.exists(man):
-                with open(man) as fh:
-                    self.manifest = json.load(fh)
+            self.config = self._json(os.path.join(path, "config.json"))
+            self.manifest = self._json(os.path.join(path, MANIFEST))
         else:
             files = [path]
         self.files = files
@@ -77,53 +75,85 @@ class KbitCheckpoint:
         self.names: list[str] = []  # original tensor names, file order
         self.meta: dict[str, dict | None] = {}  # name -> quantization metadata (None: dense)
         self.where: dict[str, str] = {}  # key -> file
+        self._checked: set[tuple[str, str]] = set()  # (file, shared table) found finite
         for f in files:
             h = open_safetensors(f)
             self.handles[f] = h
             md = h.metadata() or {}
             if not is_kbit_file(md):
+                codes = next((k for k in h.keys() if k.endswith(".codes")), None)
+                if codes is not None:  # kbit's parts with the metadata that describes them stripped
+                    raise self._damaged(f, codes[: -len(".codes")], "it has codes but the file has no kbit metadata")
                 raise bad_input(f"{f}: not a kbit checkpoint (no 'format: kbit' metadata); encode it with `kbit encode`")
-            version = int(md.get("kbit.format_version", "0"))
+            version = md.get("kbit.format_version", "0")
+            version = int(version) if version.isdigit() else -1
+            if version < 0:
+                shown = md["kbit.format_version"][:20]
+                raise self._damaged(f, "kbit.format_version", f"its metadata is {shown!r}, not a number")
             if version > FORMAT_VERSION:
                 raise bad_input(f"{f}: kbit format version {version} is newer than this kbit reads ({FORMAT_VERSION}); upgrade kbit")
             try:
                 tensors = json.loads(md.get("kbit.tensors", "{}"))
             except ValueError as e:
-                raise bad_input(f"{f}: damaged kbit metadata ({_short(e)})") from None
+                raise self._damaged(f, "kbit.tensors", f"its metadata is not JSON: {_short(e)}") from None
+            if not isinstance(tensors, dict):
+                raise self._damaged(f, "kbit.tensors", "its metadata is not a JSON object")
             keys = list(h.keys())
             for k in keys:
+                if k.startswith("kbit.codebook."):  # the fixed tables are stored once per file
+                    self.where.setdefault(k, f)
+                    continue
+                if k in self.where:
+                    raise self._damaged(f, k, f"it is also in {os.path.basename(self.where[k])}")
                 self.where[k] = f
             component = {f"{t}.{s}" for t in tensors for s in ("codes", "scales", "scales_absmax", "scales_offset", "codebook")}
             for k in keys:
                 if k in tensors:
-                    raise bad_input(f"{f}: tensor {k!r} is both dense and quantized; the file is damaged")
+                    raise self._damaged(f, k, "it is both dense and quantized")
                 if k in component or k.startswith("kbit.codebook."):
                     continue
+                if k.endswith(".codes"):  # codes nobody describes: read as a dense weight they would be garbage
+                    raise self._damaged(f, k[: -len(".codes")], "it has codes but no kbit.tensors metadata entry")
                 self.names.append(k)
                 self.meta[k] = None
             for t, m in tensors.items():
                 if f"{t}.codes" not in self.where:
-                    raise bad_input(f"{f}: quantized tensor {t!r} has no codes; the file is damaged")
+                    raise self._damaged(f, t, "it has no codes")
+                check_meta(m, lambda what, t=t: self._damaged(f, t, what))
                 self.names.append(t)
                 self.meta[t] = m
         self._order()
 
     def _order(self):
         # restore the source order recorded in the manifest when there is one
-        if self.manifest and "tensors" in self.manifest:
-            rank = {t["name"]: i for i, t in enumerate(self.manifest["tensors"])}
+        tensors = (self.manifest or {}).get("tensors") if isinstance(self.manifest, dict) else None
+        if isinstance(tensors, list):
+            rank = {t.get("name"): i for i, t in enumerate(tensors) if isinstance(t, dict)}
             self.names.sort(key=lambda n: rank.get(n, len(rank)))
+
+    def _damaged(self, file: str, name: str, what: str) -> KbitError:
+        """Exit 1: the checkpoint does not hold what its metadata says; decoding it would give garbage."""
+        return KbitError(f"{file}: tensor {name!r} is damaged ({what}); run `kbit inspect {self.path} --verify` to "
+                         "check every file against the manifest, then re-encode or restore it", exit_code=1)
+
+    def _json(self, path: str):
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as e:
+            data = e
+        if not isinstance(data, dict):
+            raise KbitError(f"{path}: damaged (not a JSON object); restore it from the original or re-encode",
+                            exit_code=1)
+        return data
 
     @staticmethod
     def _folder_files(path: str) -> list[str]:
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as fh:
-                files = list(dict.fromkeys(json.load(fh)["weight_map"].values()))
-            missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
-            if missing:
-                raise bad_input(f"{index} names shard {missing[0]!r}, which is missing")
-            return [os.path.join(path, f) for f in files]
+            return index_files(path, index)
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(single):
             return [single]
@@ -131,9 +161,12 @@ class KbitCheckpoint:
 
     def _get(self, key: str) -> torch.Tensor:
         if key not in self.where:
-            raise bad_input(f"{self.path}: tensor {key!r} is missing; the checkpoint is damaged")
+            raise self._damaged(self.path, key, "it is missing")
         f = self.where[key]
-        t = self.handles[f].get_tensor(key)
+        try:
+            t = self.handles[f].get_tensor(key)
+        except Exception as e:  # safetensors' own error types: the bytes do not match the header
+            raise self._damaged(f, key, f"unreadable: {_short(e)}") from None
         # safe_open memory-maps the file, and the pages a read touches stay resident (counted in RSS) while
         # the mapping lives: re-open after every REMAP_BYTES read so memory does not grow with the model
         self._read[f] = self._read.get(f, 0) + t.nbytes
@@ -148,13 +181,36 @@ class KbitCheckpoint:
         return self._get(name)
 
     def quantized(self, name: str) -> QuantizedTensor:
+        """The stored parts of a quantized tensor, checked on every read against what its metadata implies:
+        each part's dtype and shape (from the header: no data read), finite scales and codebook (one pass over
+        a few values per block, never over the codes). Damage is exit 1 naming the tensor."""
         m = self.meta[name]
         spec = Spec(m["bits"], m["block_size"], m["dtype"], m["double_quant"], m["scale_dtype"])
+        parts = {f"{name}.{suffix}": want for suffix, want in layout(spec, math.prod(m["shape"])).items()}
+        parts[m["codebook"]] = (torch.float32, (_table_len(spec.dtype, spec.bits),))  # shared, or the tensor's own
+        for key, (dtype, shape) in parts.items():
+            if key not in self.where:
+                raise self._damaged(self.path, name, f"part {key!r} is missing")
+            sl = self.handles[self.where[key]].get_slice(key)
+            if sl.get_dtype() != ST_DTYPES[dtype] or tuple(sl.get_shape()) != shape:
+                raise self._damaged(self.where[key], name, f"{key} is {sl.get_dtype()} {list(sl.get_shape())}, its "
+                                    f"metadata implies {ST_DTYPES[dtype]} {list(shape)}")
         dq = m["double_quant"]
-        return QuantizedTensor(
+        qt = QuantizedTensor(
             spec, tuple(m["shape"]), NAME_DTYPES[m["orig_dtype"]], self._get(f"{name}.codes"), self._get(f"{name}.scales"),
             self._get(m["codebook"]).float(),
             self._get(f"{name}.scales_absmax") if dq else None, self._get(f"{name}.scales_offset") if dq else None)
+        shared = (self.where[m["codebook"]], m["codebook"])  # a fixed table is checked once per file
+        for what, t in (("codebook", None if shared in self._checked else qt.codebook),
+                        ("scales", None if dq else qt.scales),
+                        ("scales_absmax", qt.scales_absmax), ("scales_offset", qt.scales_offset)):
+            # one float64 sum: NaN and Inf propagate, no finite fp32 scales can overflow it, and it costs a
+            # quarter of isfinite().all() (no bool tensor); the codes are never read here
+            if t is not None and not math.isfinite(t.sum(dtype=torch.float64).item()):
+                raise self._damaged(self.where[f"{name}.codes"], name, f"NaN or Inf in its {what}")
+        if m["codebook"].startswith("kbit.codebook."):
+            self._checked.add(shared)
+        return qt
 
     def shape(self, name: str) -> tuple[int, ...]:
         m = self.meta[name]
@@ -168,7 +224,10 @@ class KbitCheckpoint:
             return NAME_DTYPES[m["orig_dtype"]]
         from kbitcli.formats.safetensors_stream import TORCH_DTYPES
 
-        return TORCH_DTYPES[self.handles[self.where[name]].get_slice(name).get_dtype()]
+        stored = self.handles[self.where[name]].get_slice(name).get_dtype()
+        if stored not in TORCH_DTYPES:  # kbit never writes one: the file was edited or is not ours
+            raise self._damaged(self.where[name], name, f"it is stored as {stored}, which kbit never writes")
+        return TORCH_DTYPES[stored]
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor as the original model had it (dequantized if needed), in `dtype` (default: original)."""
@@ -179,6 +238,35 @@ class KbitCheckpoint:
             return dequantize(qt, dtype or qt.orig_dtype)
         t = self.dense(name)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def check_meta(m, damaged) -> None:
+    """The per-tensor metadata has every field, of the right type and range (checked when the file is opened, so
+    inspect, decode and load never meet a half-described tensor). damaged(what) -> the exception to raise."""
+    if not isinstance(m, dict):
+        raise damaged("its metadata is not a JSON object")
+    checks = {"bits": lambda v: _is_int(v) and MIN_BITS <= v <= MAX_BITS, "block_size": lambda v: _is_int(v) and v >= 1,
+              "dtype": lambda v: v in DTYPES, "double_quant": lambda v: isinstance(v, bool),
+              "scale_dtype": lambda v: v in SCALE_DTYPES, "orig_dtype": lambda v: v in NAME_DTYPES,
+              "codebook": lambda v: isinstance(v, str) and v != "",
+              "shape": lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v)}
+    for key, ok in checks.items():
+        try:
+            good = key in m and ok(m[key])
+        except TypeError:  # an unhashable value (a list where a name belongs)
+            good = False
+        if not good:
+            raise damaged(f"its metadata has {'no ' + key if key not in m else 'a bad ' + key}")
+
+
+@functools.lru_cache(maxsize=None)
+def _table_len(dtype: str, bits: int) -> int:
+    """Entries of the table a tensor's codes index: 2^k for quantile; a fixed type's own length (int8: 255)."""
+    return 2 ** bits if dtype == "quantile" else len(fixed_codebook(dtype, bits))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def looks_kbit(path: str) -> bool:

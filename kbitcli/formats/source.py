@@ -31,7 +31,7 @@ def open_safetensors(path: str):
 
 def load_bin(path: str) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise bad_input(
             f"{path}: refused to unpickle (it holds more than tensors: {_short(e)}); convert it to safetensors "
@@ -39,6 +39,19 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise bad_input(f"{path}: not a readable PyTorch checkpoint ({_short(e)}); re-download it") from None
+    # torch.save() takes any object: a whole model's weights are a dict of name -> tensor (a state dict)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise bad_input(f"{path}: holds a {type(state).__name__}, not a state dict (tensor name -> tensor); save "
+                        "model.state_dict() instead")
+    return state
+
+
+def _refuse_dtype(file: str, name: str, dtype: str) -> None:
+    """fp8 checkpoints carry per-block scales of their own (weight_scale_inv) that a plain copy would drop, and
+    unsigned 16/32/64-bit tensors have no torch arithmetic: kbit reads neither, and says so up front."""
+    fp8 = " (an fp8 model: dequantize it with its own scales)" if dtype.upper().startswith(("F8", "FLOAT8")) else ""
+    raise bad_input(f"{file}: tensor {name!r} is stored as {dtype}, which kbit does not read; convert the "
+                    f"checkpoint to bf16/fp16/fp32 first{fp8}")
 
 
 def _short(e: Exception) -> str:
@@ -66,11 +79,17 @@ class Source:
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         h = self._handle(self.where[name])
         if isinstance(h, dict):
+            from kbitcli.formats.safetensors_stream import ST_DTYPES
+
             t = h[name]
+            if t.dtype not in ST_DTYPES:
+                _refuse_dtype(self.where[name], name, str(t.dtype).removeprefix("torch."))
             return t.dtype, tuple(t.shape)
         sl = h.get_slice(name)
         from kbitcli.formats.safetensors_stream import TORCH_DTYPES
 
+        if sl.get_dtype() not in TORCH_DTYPES:
+            _refuse_dtype(self.where[name], name, sl.get_dtype())
         return TORCH_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
 
     def get(self, name: str) -> torch.Tensor:
@@ -122,21 +141,41 @@ def _folder_files(path: str) -> list[str]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = os.path.join(path, index_name)
         if os.path.exists(index):
-            try:
-                with open(index) as fh:
-                    weight_map = json.load(fh)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise bad_input(f"{index}: not a valid shard index ({_short(e)})") from None
-            files = list(dict.fromkeys(weight_map.values()))
-            missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
-            if missing:
-                raise bad_input(f"{index} names shard {missing[0]!r}, which is missing; re-download the model")
-            return [os.path.join(path, f) for f in files]
+            return index_files(path, index)
         if os.path.exists(os.path.join(path, single)):
             return [os.path.join(path, single)]
     raise bad_input(
         f"{path}: no model.safetensors, sharded index or pytorch_model.bin found; point at a model folder or a file"
     )
+
+
+def index_files(folder: str, index: str) -> list[str]:
+    """The shard files a `*.index.json` names, in order: a weight_map of tensor -> file name, each file inside
+    the folder and present."""
+    try:
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise bad_input(f"{index}: not a valid shard index ({_short(e)}); re-download the model") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise bad_input(f"{index}: weight_map must map each tensor name to a shard file name; re-download the model")
+    files = [inside(folder, f, index) for f in dict.fromkeys(weight_map.values())]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise bad_input(f"{index} names shard {os.path.relpath(missing[0], folder)!r}, which is missing; "
+                        "re-download the model")
+    return files
+
+
+def inside(root: str, name, where: str) -> str:
+    """root/name, refusing a name that is absolute or climbs out of root with `..` (a hostile index or manifest
+    must not make kbit read, hash or follow files elsewhere). Lexical: symlinked files (Hugging Face's cache
+    links every file into blobs/) stay readable."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or \
+            os.path.normpath(name).split(os.sep)[0] == ".." or "\0" in name:
+        raise bad_input(f"{where}: names {str(name)[:100]!r}, a path outside {root}; every file of a checkpoint "
+                        "must be inside its folder")
+    return os.path.join(root, name)
 
 
 def open_source(path: str) -> Source:
@@ -150,8 +189,11 @@ def open_source(path: str) -> Source:
             try:
                 with open(cfg) as fh:
                     config = json.load(fh)
-            except ValueError as e:
+            except (ValueError, UnicodeDecodeError) as e:
                 raise bad_input(f"{cfg}: not valid JSON ({_short(e)})") from None
+            if not isinstance(config, dict):
+                raise bad_input(f"{cfg}: holds a JSON {type(config).__name__}, not an object of settings; "
+                                "restore the model's config.json")
         src = Source(path, True, files, config=config)
     else:
         if not path.endswith(WEIGHT_SUFFIXES):
@@ -167,7 +209,10 @@ def open_source(path: str) -> Source:
             if bad:
                 raise bad_input(f"{file}: entry {bad[0]!r} is not a tensor; save a plain state dict")
         for k in keys:
-            src.where.setdefault(k, file)
+            if k in src.where:  # e.g. a stale shard of an older download: which copy is right is unknowable
+                raise bad_input(f"{path}: tensor {k!r} is in both {os.path.basename(src.where[k])} and "
+                                f"{os.path.basename(file)}; remove the stale shard or fix the index")
+            src.where[k] = file
             src.names.append(k)
     if not src.names:
         raise bad_input(f"{path}: holds no tensors")

@@ -152,6 +152,8 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
             _check_dst(dst, src_path, force, recipe, calib)
         result = module.export(src, src_path, dst, plan, recipe, recipe_dict(recipe), force=force, dry_run=dry_run,
                                progress=progress, max_shard_bytes=limit, **options)
+        if dry_run:
+            check_values(src, plan, progress)
         result["seconds"] = round(time.time() - t0, 3)
         return result
     summary = plan.summary()
@@ -162,6 +164,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     result = {"source": src_path, "destination": dst, "dry_run": dry_run, **summary,
               "plan": [t.as_dict() for t in plan.tensors], "recipe": recipe_dict(recipe)}
     if dry_run:
+        check_values(src, plan, progress)
         return result
     _check_dst(dst, src_path, force, recipe, calib)
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
@@ -221,6 +224,21 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     result["files"] = [r["name"] for r in manifest["outputs"]]
     return result
 
+
+
+def check_values(src: Source, plan: Plan, progress=None) -> None:
+    """--dry-run: every check a real run makes on the values (NaN/Inf, scale overflow and underflow), by
+    streaming each quantized tensor once; nothing is quantized or written."""
+    from kbitcli.core.blockwise import check_tensor
+
+    if progress is not None:
+        progress.start("check", sum(t.in_bytes() for t in plan.quantized), len(plan.quantized))
+    for t in plan.quantized:
+        check_tensor(src.get(t.name), t.spec, t.name)
+        if progress is not None:
+            progress.advance(t.name, t.in_bytes())
+    if progress is not None:
+        progress.stop()
 
 
 def _spill(calib, dst: str):

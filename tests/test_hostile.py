@@ -370,3 +370,28 @@ def test_zero_element_tensor_is_copied_dense(state, tmp_path):
 @pytest.mark.parametrize("threads", ["-1", "0"])
 def test_generate_threads_below_one(stories_dir, threads):
     assert_bad_input(cli("generate", stories_dir, "--threads", threads, "-n", "1"), "--threads")
+
+
+def test_fp16_scale_underflow_is_refused_not_zeroed(state, tmp_path):
+    """A weight of absmax ~4e-9 used to encode and decode to 100% zeros; it is refused (real run and --dry-run),
+    and fp32 scales keep it."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    src = str(tmp_path / "m.safetensors")
+    save_file({**state, name: state[name] * 1e-9}, src)
+    dst = str(tmp_path / "q.safetensors")
+    for extra in ([], ["--dry-run"]):
+        assert_bad_input(cli("encode", src, dst, *extra), name, "scale_dtype: fp32", dst=dst)
+    assert cli("encode", src, dst, "--scale-dtype", "fp32", "--quiet").code == 0
+    assert cli("decode", dst, tmp_path / "d.safetensors", "--quiet").code == 0
+    back = load_file(str(tmp_path / "d.safetensors"))[name]
+    assert back.abs().max() > 0 and torch.allclose(back, state[name] * 1e-9, rtol=0.2, atol=1e-10)
+
+
+def test_dry_run_checks_values(state, tmp_path):
+    """--dry-run runs every check a real run makes, NaN/Inf included (it reads the tensors once)."""
+    name = "model.layers.1.self_attn.o_proj.weight"
+    bad = state[name].clone()
+    bad[2, 3] = float("inf")
+    src = str(tmp_path / "m.safetensors")
+    save_file({**state, name: bad}, src)
+    assert_bad_input(cli("encode", src, tmp_path / "q.safetensors", "--dry-run"), name, "NaN/Inf")

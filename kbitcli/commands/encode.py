@@ -59,7 +59,7 @@ def encode_cmd(
     targets: Optional[List[str]] = TargetsOpt, ignore: Optional[List[str]] = IgnoreOpt,
     override: Optional[List[str]] = OverrideOpt,
     max_shard_size: str = typer.Option(DEFAULT_SHARD, "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and sizes; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and sizes and run every check a real run makes (reads each tensor once for NaN/Inf and scale range); quantize and write nothing."),
     fmt: str = typer.Option("kbit", "--format", "-f", help="kbit | bnb | compressed-tensors | gguf (see docs/INTEROP.md)."),
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="With --format gguf: Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 (default: from --bits)."),
     force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,

@@ -120,6 +120,39 @@ def block_absmax(flat: torch.Tensor, block: int, name: str) -> torch.Tensor:
     return out
 
 
+def check_scales(absmax: torch.Tensor, spec: Spec, name: str) -> torch.Tensor:
+    """The scales as stored (scale_dtype), refusing what that dtype cannot hold: an absmax past its largest
+    value (overflow to Inf), or a non-zero block whose scale rounds to 0 (underflow: the block would decode to
+    all zeros, silently)."""
+    sdt = SCALE_DTYPES[spec.scale_dtype]
+    if absmax.max() > torch.finfo(sdt).max:
+        raise bad_input(
+            f"tensor {name!r} has |w| up to {float(absmax.max()):.3g}, beyond {spec.scale_dtype} scales; "
+            "set scale_dtype: fp32 (or bf16) in the recipe"
+        )
+    scales = absmax.to(sdt)
+    lost = (absmax > 0) & (scales == 0)
+    if lost.any():
+        b = int(lost.nonzero()[0])
+        raise bad_input(
+            f"tensor {name!r}: block {b} has |w| up to {float(absmax[b]):.3g}, below the smallest {spec.scale_dtype} "
+            f"scale, so it would decode to zeros; set scale_dtype: fp32 (or bf16) in the recipe, or keep it dense "
+            f"with --override '{name}=skip'"
+        )
+    return scales
+
+
+def check_tensor(w: torch.Tensor, spec: Spec, name: str) -> None:
+    """What quantize() refuses about a tensor's values, without quantizing it (for --dry-run): NaN/Inf and
+    scales the stored dtype cannot hold."""
+    flat = w.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        flat = flat.float()
+    absmax = block_absmax(flat, spec.block_size, name)
+    if not spec.double_quant:
+        check_scales(absmax, spec, name)
+
+
 def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: subtract the mean, then 8-bit dynamic codes in blocks of 256 (fp32 absmax each)."""
     offset = absmax.mean().reshape(1)
@@ -164,13 +197,7 @@ def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTens
         scales, scales_absmax, scales_offset = quantize_scales(absmax)
         eff = dequantize_scales(scales, scales_absmax, scales_offset)
     else:
-        sdt = SCALE_DTYPES[spec.scale_dtype]
-        if absmax.max() > torch.finfo(sdt).max:
-            raise bad_input(
-                f"tensor {name!r} has |w| up to {float(absmax.max()):.3g}, beyond {spec.scale_dtype} scales; "
-                "set scale_dtype: fp32 (or bf16) in the recipe"
-            )
-        scales = absmax.to(sdt)
+        scales = check_scales(absmax, spec, name)
         eff = scales.float()
     # a block of zeros keeps scale 0 and decodes to 0 whatever its codes; divide by 1 to avoid 0/0
     safe = torch.where(eff > 0, eff, torch.ones_like(eff))

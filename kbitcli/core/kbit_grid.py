@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from kbitcli.core.blockwise import (SCALE_DTYPES, QuantizedTensor, Spec, _fixed_table, _table, block_absmax,
-                                    dequantize_scales, quantize_scales)
+                                    check_scales, dequantize_scales, quantize_scales)
 from kbitcli.core.gptq import gptq, rtn
 from kbitcli.core.grid import Grid, dq_rounding, storage_rounding
 from kbitcli.core.pack import pack_into, packed_nbytes
@@ -38,7 +38,7 @@ class KbitGrid:
                 raise bad_input(f"tensor {name!r} has |w| up to {float(absmax.max()):.3g}, beyond {spec.scale_dtype} "
                                 "scales; set scale_dtype: fp32 (or bf16) in the recipe")
             rounding = storage_rounding(sdt)
-            eff = absmax.to(sdt).float()
+            eff = check_scales(absmax, spec, name).float()
         # a quantile table comes from the values over their stored round-to-nearest scales, as quantize() does
         safe = torch.where(eff > 0, eff, torch.ones_like(eff))
         self.table = _table(spec, flat, safe, B)  # codes index this table (sorted ascending)

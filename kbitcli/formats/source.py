@@ -70,6 +70,7 @@ class Source:
     config: dict | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # header metadata of the first safetensors file
     _handles: dict = field(default_factory=dict, repr=False)
+    _headers: dict = field(default_factory=dict, repr=False)  # safetensors file -> (data start, header)
 
     def _handle(self, file: str):
         if file not in self._handles:
@@ -97,13 +98,36 @@ class Source:
         try:
             if isinstance(h, dict):
                 return h[name]
-            # A fresh handle per tensor: safe_open memory-maps the file and every page a read touches stays
-            # resident (counted in RSS) while the mapping lives, so one long-lived handle grows to the whole
-            # file. Dropping the handle unmaps them: memory stays at about one tensor, whatever the model.
-            with safe_open(self.where[name], framework="pt") as fresh:
-                return fresh.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+            # A plain read of the tensor's bytes at the offsets the header gives (parsed once per file): a
+            # long-lived mmap would keep every page a read touched resident (RSS grows to the whole file), and
+            # a fresh safe_open per tensor re-parses the header each time (quadratic in the tensor count).
+            return self._read(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
             raise bad_input(f"{self.where[name]}: cannot read tensor {name!r} ({_short(e)}); the file is damaged") from None
+
+    def _read(self, name: str) -> torch.Tensor:
+        from kbitcli.formats.safetensors_stream import TORCH_DTYPES
+
+        file = self.where[name]
+        if file not in self._headers:
+            with open(file, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[file] = (8 + n, json.loads(fh.read(n)))
+        base, header = self._headers[file]
+        entry = header[name]
+        dtype, shape = TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        size = end - begin
+        if size != dtype.itemsize * int(torch.Size(shape).numel()):
+            raise OSError(f"{size} bytes for {entry['dtype']} {list(shape)}")
+        with open(file, "rb") as fh:
+            fh.seek(base + begin)
+            buf = bytearray(size)
+            if fh.readinto(buf) != size:
+                raise OSError("the file ends before the tensor's bytes")
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def side_files(self) -> list[str]:
         """Small non-weight files and folders (tokenizer, generation config, README, sentence-transformers'

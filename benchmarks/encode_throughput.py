@@ -36,10 +36,10 @@ import time
 
 BIG, SMALL, LARGER = "1.16 GB", "0.31 GB", "2.07 GB"
 LAYERS = {SMALL: 1, BIG: 20, LARGER: 40}  # same layer shapes: only the number of layers differs
-NF4 = dict(bits=4, block_size=64, dtype="nf")  # scale_search: the recipe default (4 candidates per block)
+NF4 = dict(bits=4, block_size=64, dtype="nf")  # scale_search: the data-free default (1: plain absmax)
 ENCODES = [  # (label, Recipe keyword arguments)
-    ("encode nf4 b64", NF4),
-    ("encode nf4 b64, scale_search 1", {**NF4, "scale_search": 1}),
+    ("encode nf4 b64 (data-free default)", NF4),
+    ("encode nf4 b64, scale_search 4", {**NF4, "scale_search": 4}),
     ("encode nf4 b64 + double quant", {**NF4, "double_quant": True}),
     ("encode int8 b64", dict(bits=8, block_size=64, dtype="int", scale_search=1)),
 ]

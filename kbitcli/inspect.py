@@ -52,10 +52,11 @@ def inspect(path: str, verify: bool = False) -> dict:
                      "bytes": bits // 8, "bits_per_param": round(bits / numel, 4)})
     files = ck.files
     size = sum(os.path.getsize(f) for f in files)
+    # params is 0 for a file with no tensors, or only empty ones: no bits per parameter (was a ZeroDivisionError)
     out = {"path": path, "format": "kbit", "tensors": len(rows), "quantized_tensors": sum(r["quantized"] for r in rows),
            "params": params, "quantized_params": qparams, "bytes": size,
            "bits_per_param_quantized": round(qbits / qparams, 4) if qparams else None,
-           "bits_per_param_model": round(size * 8 / params, 4), "files": [os.path.basename(f) for f in files],
+           "bits_per_param_model": round(size * 8 / params, 4) if params else None, "files": [os.path.basename(f) for f in files],
            "manifest": bool(ck.manifest) or os.path.exists(path + ".manifest.json"), "plan": rows}
     if verify:
         out["verify"] = verify_manifest(path, ck)
@@ -75,7 +76,7 @@ def _manifest_for(path: str, ck: KbitCheckpoint) -> tuple[dict, str]:
     try:
         with open(side) as fh:
             return json.load(fh), os.path.dirname(os.path.abspath(path))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: valid JSON nested too deep for Python
         return None, os.path.dirname(os.path.abspath(path))  # damaged: verify_manifest reports it
 
 

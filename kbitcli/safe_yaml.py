@@ -34,7 +34,15 @@ def load(text: str, path: str):
             expanded_size(node)
         except _TooBig as e:
             raise bad_input(f"{path}: {e}; a recipe is a small file (write lists out, use few aliases)") from None
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:
+            # a tag the value does not fit (`!!int bits`, `!!int ''`, `!!bool maybe`): PyYAML's safe constructors
+            # raise plain ValueError / IndexError / KeyError..., not a YAMLError; they were "internal error"s
+            shown = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise bad_input(f"{path}: not valid YAML (a value does not fit its tag: {shown})") from None
     except RecursionError:  # the composer itself recurses once per level
         raise bad_input(f"{path}: nested more than {MAX_DEPTH} levels deep; a recipe is a small, flat file") from None
     finally:

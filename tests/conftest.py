@@ -58,3 +58,16 @@ def nf4(stories_dir, tmp_path_factory) -> str:
     dst = str(tmp_path_factory.mktemp("nf4") / "s260-nf4")
     encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype="nf"))
     return dst
+
+
+@pytest.fixture(scope="session")
+def calib_halves(tinystories_text, tmp_path_factory) -> tuple[str, str]:
+    """(calibration file, evaluation file): the first and second half of the bundled TinyStories stories, so a
+    calibrated model is scored on text its calibration never saw."""
+    with open(tinystories_text, encoding="utf-8") as fh:
+        stories = fh.read().split("<|endoftext|>")
+    d = tmp_path_factory.mktemp("text")
+    a, b = d / "calib.txt", d / "eval.txt"
+    a.write_text("<|endoftext|>".join(stories[: len(stories) // 2]), encoding="utf-8")
+    b.write_text("<|endoftext|>".join(stories[len(stories) // 2 :]), encoding="utf-8")
+    return str(a), str(b)

@@ -22,15 +22,8 @@ from kbitcli.recipes import Recipe
 
 
 @pytest.fixture(scope="module")
-def halves(tinystories_text, tmp_path_factory):
-    """(calibration file, evaluation file): the first and second half of the bundled TinyStories stories."""
-    with open(tinystories_text, encoding="utf-8") as fh:
-        stories = fh.read().split("<|endoftext|>")
-    d = tmp_path_factory.mktemp("text")
-    a, b = d / "calib.txt", d / "eval.txt"
-    a.write_text("<|endoftext|>".join(stories[: len(stories) // 2]), encoding="utf-8")
-    b.write_text("<|endoftext|>".join(stories[len(stories) // 2 :]), encoding="utf-8")
-    return str(a), str(b)
+def halves(calib_halves):
+    return calib_halves
 
 
 def _nll(model_dir: str, dense_dir: str, text: str) -> float:

@@ -218,3 +218,33 @@ def simulated_quantization(model, reader: WeightsReader, plan: Plan):
         with torch.no_grad():
             for target, original in saved.items():
                 params[target].copy_(original)
+
+
+@contextlib.contextmanager
+def encoded_weights(model, path: str, recipe: Recipe, calib):
+    """Inside the block, `model`'s quantized tensors hold the decoded values of a real (calibrated) encode."""
+    import os
+    import tempfile
+
+    from kbitcli.encode import encode
+    from kbitcli.formats.kbit_format import KbitCheckpoint
+    from kbitcli.models.load import name_mapper
+
+    params = model.state_dict(keep_vars=True)
+    to_model = name_mapper(set(params), getattr(model, "base_model_prefix", ""))
+    saved = {}
+    with tempfile.TemporaryDirectory(prefix="kbit-study-") as tmp:
+        encode(path, os.path.join(tmp, "q"), recipe, calib=calib)
+        ck = KbitCheckpoint(os.path.join(tmp, "q"))
+        try:
+            with torch.no_grad():
+                for name in ck.names:
+                    if ck.is_quantized(name):
+                        p = params[to_model(name)]
+                        saved[to_model(name)] = p.detach().clone()
+                        p.copy_(ck.tensor(name, torch.float32).view(p.shape).to(p.dtype))
+            yield model
+        finally:
+            with torch.no_grad():
+                for target, original in saved.items():
+                    params[target].copy_(original)

@@ -242,4 +242,5 @@ def cosine_stats(ref: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 def describe_tokenizer(tokenizer, path: str) -> str:
-    return f"{type(tokenizer).__name__} from {path} (vocab {len(tokenizer)})"
+    # the folder's name, not its absolute path: reports are committed and shared
+    return f"{type(tokenizer).__name__} from {os.path.basename(os.path.normpath(path))} (vocab {len(tokenizer)})"

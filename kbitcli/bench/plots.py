@@ -160,9 +160,18 @@ def _frontier_figure(out, rows) -> str:
     return _save(fig, out, "frontier")
 
 
+def shown(path: str) -> str:
+    """A path as a report shows it: relative to where the study ran, never the machine's absolute layout."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return os.path.basename(path) if rel.startswith("..") else rel
+
+
 def report(study: dict, rows: list[dict], result: dict, figures: list[str]) -> str:
+    calib = study.get("calib")
     lines = [f"# Scaling study `{study['name']}`", "",
-             f"- study file: `{study['file']}`", f"- text: `{study['text']}`",
+             f"- study file: `{shown(study['file'])}`", f"- text: `{shown(study['text'])}`",
+             *([f"- calibration (method gptq cells): `{shown(calib.path)}`, {calib.tokens} tokens, seed {calib.seed}"]
+               if calib is not None else []),
              f"- evaluation: {result['evaluation']}: numerically the k-bit forward up to float rounding",
              f"- cells: {result['cells']} ({result['evaluated']} evaluated now, {result['reused']} reused)",
              "- total model bits count every stored bit: quantized tensors at k plus scales (and codebooks), "

@@ -15,7 +15,6 @@ At the end: results.csv / results.json, report.md, plots/*.png and the Pareto fr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -23,10 +22,10 @@ import json
 import os
 import time
 
-import torch
 
 from kbitcli.bench import evaluate as ev
-from kbitcli.bench.error import grid_recipes, is_quantized_checkpoint, open_weights, parse_grid, simulated_quantization
+from kbitcli.bench.error import (encoded_weights, grid_recipes, is_quantized_checkpoint, open_weights, parse_grid,
+                                 simulated_quantization)
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.formats.output import AtomicOutput
 from kbitcli.plan import make_plan
@@ -269,35 +268,6 @@ class ModelEvaluator:
                 "bits_per_param": s["bits_per_param_quantized"], **m, "seconds": round(time.time() - t0, 3)}
 
 
-@contextlib.contextmanager
-def encoded_weights(model, path: str, recipe: Recipe, calib):
-    """Inside the block, `model`'s quantized tensors hold the decoded values of a real (calibrated) encode."""
-    import tempfile
-
-    from kbitcli.encode import encode
-    from kbitcli.formats.kbit_format import KbitCheckpoint
-    from kbitcli.models.load import name_mapper
-
-    params = model.state_dict(keep_vars=True)
-    to_model = name_mapper(set(params), getattr(model, "base_model_prefix", ""))
-    saved = {}
-    with tempfile.TemporaryDirectory(prefix="kbit-study-") as tmp:
-        encode(path, os.path.join(tmp, "q"), recipe, calib=calib)
-        ck = KbitCheckpoint(os.path.join(tmp, "q"))
-        try:
-            with torch.no_grad():
-                for name in ck.names:
-                    if ck.is_quantized(name):
-                        p = params[to_model(name)]
-                        saved[to_model(name)] = p.detach().clone()
-                        p.copy_(ck.tensor(name, torch.float32).view(p.shape).to(p.dtype))
-            yield model
-        finally:
-            with torch.no_grad():
-                for target, original in saved.items():
-                    params[target].copy_(original)
-
-
 SAME_BUDGET = 1e-3  # totals within 0.1% are one budget: a 2^k-entry codebook table is not a reason to win
 
 
@@ -399,7 +369,8 @@ def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = 
         if progress is not None:
             progress.stop()
     result = {"study": study["name"], "file": study_path, "text": study["text"], "out": out,
-              "evaluation": "simulated quantization (dense fp32 model with dequantized weights)",
+              "evaluation": "simulated quantization (dense fp32 model with dequantized weights; gptq cells: "
+                            "real calibrated encodes, decoded into it)",
               "cells": len(cells), "evaluated": evaluated, "reused": len(cells) - evaluated,
               "models": [{"name": m["name"], "path": m["path"]} for m in study["models"]],
               "verdict": verdict(cells)}

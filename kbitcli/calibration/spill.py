@@ -29,28 +29,25 @@ def spill_dir(dst: str | None) -> str:
 PARTS = ("codes", "scales", "codebook", "scales_absmax", "scales_offset")
 
 
-class Spill:
-    """put(name, QuantizedTensor) writes one small safetensors file; get(name) reads it back."""
+class PartsSpill:
+    """put(name, {part: tensor}) writes one small safetensors file (None parts left out); get(name) reads the
+    dict back. Any format's calibrated tensors wait here until the writer streams them."""
 
     def __init__(self, dst: str | None = None):
         self.dir = spill_dir(dst)
-        self.files: dict[str, tuple[str, QuantizedTensor]] = {}
+        self.files: dict[str, str] = {}
 
-    def put(self, name: str, qt: QuantizedTensor) -> None:
+    def put(self, name: str, parts: dict) -> None:
         path = os.path.join(self.dir, f"{len(self.files):06d}.safetensors")
-        save_file({p: getattr(qt, p).contiguous() for p in PARTS if getattr(qt, p) is not None}, path)
-        # keep the small description (spec, shape, dtype) in memory; the tensors stay on disk
-        self.files[name] = (path, QuantizedTensor(qt.spec, qt.shape, qt.orig_dtype, None, None, None))
+        save_file({k: v.contiguous() for k, v in parts.items() if v is not None}, path)
+        self.files[name] = path
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> QuantizedTensor:
-        path, desc = self.files[name]
-        with safe_open(path, "pt") as fh:
-            parts = {k: fh.get_tensor(k) for k in fh.keys()}
-        return QuantizedTensor(desc.spec, desc.shape, desc.orig_dtype, parts["codes"], parts["scales"], parts["codebook"],
-                               parts.get("scales_absmax"), parts.get("scales_offset"))
+    def get(self, name: str) -> dict:
+        with safe_open(self.files[name], "pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -61,3 +58,21 @@ class Spill:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class Spill(PartsSpill):
+    """The native format's spill: put(name, QuantizedTensor), get(name) -> QuantizedTensor."""
+
+    def __init__(self, dst: str | None = None):
+        super().__init__(dst)
+        self.desc: dict[str, QuantizedTensor] = {}
+
+    def put(self, name: str, qt: QuantizedTensor) -> None:
+        super().put(name, {p: getattr(qt, p) for p in PARTS})
+        # keep the small description (spec, shape, dtype) in memory; the tensors stay on disk
+        self.desc[name] = QuantizedTensor(qt.spec, qt.shape, qt.orig_dtype, None, None, None)
+
+    def get(self, name: str) -> QuantizedTensor:
+        d, parts = self.desc[name], super().get(name)
+        return QuantizedTensor(d.spec, d.shape, d.orig_dtype, parts["codes"], parts["scales"], parts["codebook"],
+                               parts.get("scales_absmax"), parts.get("scales_offset"))

@@ -15,14 +15,12 @@ import importlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from kbitcli import __version__
+from kbitcli.calibration.spill import PartsSpill
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import MANIFEST, shard_names
 from kbitcli.formats.output import AtomicOutput, file_record, folder_records
@@ -234,40 +232,6 @@ def source_dtype_name(src) -> str:
 
 
 # ---- calibrated exports (--method gptq / rtn with --calib) ----------------------------------------------
-
-class PartsSpill:
-    """Calibrated tensors of a foreign format, waiting on disk until the writer streams them: put(name, {part:
-    tensor}) writes one small safetensors file (None parts are left out), get(name) reads the dict back. The
-    same protocol as calibration/spill.py's Spill, for whatever tensors a format stores."""
-
-    def __init__(self, dst: str | None = None):
-        from kbitcli.calibration.spill import spill_dir
-
-        self.dir = spill_dir(dst)
-        self.files: dict[str, str] = {}
-
-    def put(self, name: str, parts: dict) -> None:
-        path = os.path.join(self.dir, f"{len(self.files):06d}.safetensors")
-        save_file({k: v.contiguous() for k, v in parts.items() if v is not None}, path)
-        self.files[name] = path
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def get(self, name: str) -> dict:
-        with safe_open(self.files[name], "pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
-
-    def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
 
 def calibrated_spill(calib, dst: str):
     """A PartsSpill beside dst when calibrating, else a null context (yields None)."""

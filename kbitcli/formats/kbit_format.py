@@ -85,8 +85,12 @@ class KbitCheckpoint:
                 if codes is not None:  # kbit's parts with the metadata that describes them stripped
                     raise self._damaged(f, codes[: -len(".codes")], "it has codes but the file has no kbit metadata")
                 raise bad_input(f"{f}: not a kbit checkpoint (no 'format: kbit' metadata); encode it with `kbit encode`")
-            version = md.get("kbit.format_version", "0")
-            version = int(version) if version.isdigit() else -1
+            if "kbit.format_version" not in md:  # every kbit file has one: without it no version check is possible
+                raise self._damaged(f, "kbit.format_version", "the file's metadata has none")
+            version = md["kbit.format_version"]
+            # ASCII digits only, and short: str.isdigit() also accepts '²' (which int() refuses) and int() refuses
+            # more than 4300 digits; both were "internal error"s
+            version = int(version) if version.isascii() and version.isdigit() and len(version) <= 9 else -1
             if version < 0:
                 shown = md["kbit.format_version"][:20]
                 raise self._damaged(f, "kbit.format_version", f"its metadata is {shown!r}, not a number")
@@ -94,7 +98,7 @@ class KbitCheckpoint:
                 raise bad_input(f"{f}: kbit format version {version} is newer than this kbit reads ({FORMAT_VERSION}); upgrade kbit")
             try:
                 tensors = json.loads(md.get("kbit.tensors", "{}"))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: valid JSON nested too deep for Python
                 raise self._damaged(f, "kbit.tensors", f"its metadata is not JSON: {_short(e)}") from None
             if not isinstance(tensors, dict):
                 raise self._damaged(f, "kbit.tensors", "its metadata is not a JSON object")
@@ -127,8 +131,8 @@ class KbitCheckpoint:
     def _order(self):
         # restore the source order recorded in the manifest when there is one
         tensors = (self.manifest or {}).get("tensors") if isinstance(self.manifest, dict) else None
-        if isinstance(tensors, list):
-            rank = {t.get("name"): i for i, t in enumerate(tensors) if isinstance(t, dict)}
+        if isinstance(tensors, list):  # only string names: a list or object there is unhashable (was a TypeError)
+            rank = {t["name"]: i for i, t in enumerate(tensors) if isinstance(t, dict) and isinstance(t.get("name"), str)}
             self.names.sort(key=lambda n: rank.get(n, len(rank)))
 
     def _damaged(self, file: str, name: str, what: str) -> KbitError:
@@ -142,7 +146,7 @@ class KbitCheckpoint:
         try:
             with open(path) as fh:
                 data = json.load(fh)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: valid JSON nested too deep
             data = e
         if not isinstance(data, dict):
             raise KbitError(f"{path}: damaged (not a JSON object); restore it from the original or re-encode",

@@ -358,6 +358,8 @@ def verify_records(label: str, records, path_of, required: list[str] = ()) -> di
         listed.add(os.path.realpath(f))
         if not os.path.exists(f):
             bad.append(f"{rec['name']}: missing")
+        elif not os.path.isfile(f):  # a folder ('.', 'tokenizer/'): hashing it was an IsADirectoryError
+            bad.append(f"{rec['name']}: not a file")
         elif os.path.getsize(f) != rec["bytes"] or sha256_file(f) != rec["sha256"]:
             bad.append(f"{rec['name']}: sha256 differs from the manifest")
     for f in required:

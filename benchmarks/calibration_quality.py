@@ -38,11 +38,12 @@ CONFIGS = {
     "default": ("kbit nf4 b64, data-free default", {}, False),
     "search4": ("kbit nf4 b64, unweighted scale search 4 (old default)", {"scale_search": 4}, False),
     "rtn-calib": ("kbit nf4 b64, rtn + calib (importance-weighted scales)", {"method": "rtn"}, True),
-    "gptq": ("kbit nf4 b64, gptq", {"method": "gptq"}, True),
-    "gptq-act": ("kbit nf4 b64, gptq --act-order", {"method": "gptq"}, "act"),
+    "gptq": ("kbit nf4 b64, gptq (act-order)", {"method": "gptq"}, True),
+    "gptq-noact": ("kbit nf4 b64, gptq --no-act-order", {"method": "gptq"}, "noact"),
     "rtn3": ("kbit nf3 b64, data-free rtn", {"bits": 3}, False),
     "rtn3-calib": ("kbit nf3 b64, rtn + calib", {"bits": 3, "method": "rtn"}, True),
-    "gptq3": ("kbit nf3 b64, gptq", {"bits": 3, "method": "gptq"}, True),
+    "gptq3": ("kbit nf3 b64, gptq (act-order)", {"bits": 3, "method": "gptq"}, True),
+    "gptq3-noact": ("kbit nf3 b64, gptq --no-act-order", {"bits": 3, "method": "gptq"}, "noact"),
 }
 
 
@@ -66,7 +67,7 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
     if kind == "causal":
         ctx, _ = ev.check_context(args.context, None, ev.max_positions(path), 512)
         windows, _ = ev.causal_windows(tok, text, ctx, ctx, "auto", args.max_tokens)
-        ref = ev.CausalReference(dense, windows)
+        ref = ev.CausalReference(dense, windows, cache_bytes=3 << 30)  # no recompute of the dense logits
         base = ref.baseline()
 
         def score(model):
@@ -90,7 +91,7 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         else:
             calib = None
             if calibrated:
-                calib = Calibration(args.calib, args.calib_tokens, args.seed, act_order=calibrated == "act")
+                calib = Calibration(args.calib, args.calib_tokens, args.seed, act_order=calibrated != "noact")
             with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
                 out = os.path.join(tmp, "q")
                 enc = encode(path, out, Recipe(**settings), calib=calib)

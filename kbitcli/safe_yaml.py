@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import yaml
 
-from kbitcli.errors import bad_input
+from kbitcli.errors import KbitError, bad_input
 
 MAX_BYTES = 1 << 20  # 1 MB: the largest shipped recipe is under 2 KB
 MAX_NODES = 100_000  # values after alias expansion
@@ -34,17 +34,18 @@ def load(text: str, path: str):
             expanded_size(node)
         except _TooBig as e:
             raise bad_input(f"{path}: {e}; a recipe is a small file (write lists out, use few aliases)") from None
-        try:
-            return loader.construct_document(node)
-        except (yaml.YAMLError, RecursionError):
-            raise
-        except Exception as e:
-            # a tag the value does not fit (`!!int bits`, `!!int ''`, `!!bool maybe`): PyYAML's safe constructors
-            # raise plain ValueError / IndexError / KeyError..., not a YAMLError; they were "internal error"s
-            shown = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise bad_input(f"{path}: not valid YAML (a value does not fit its tag: {shown})") from None
+        return loader.construct_document(node)
     except RecursionError:  # the composer itself recurses once per level
         raise bad_input(f"{path}: nested more than {MAX_DEPTH} levels deep; a recipe is a small, flat file") from None
+    except (yaml.YAMLError, KbitError):
+        raise
+    except Exception as e:
+        # PyYAML's scanner and safe constructors raise plain ValueError / IndexError / KeyError / AttributeError,
+        # not a YAMLError, on some malformed text: a "\U" escape past U+10FFFF, a tag the value does not fit
+        # (`!!int bits`, `!!int ''`, `!!bool maybe`). They were "internal error"s.
+        shown = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise bad_input(f"{path}: not valid YAML (a malformed escape, or a value that does not fit its tag: "
+                        f"{shown})") from None
     finally:
         loader.dispose()
 

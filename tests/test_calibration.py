@@ -119,6 +119,7 @@ def test_manifest_records_calibration_and_sample_is_seeded(stories_dir, halves, 
 
     assert rec["sha256"] == hashlib.sha256(open(calib, "rb").read()).hexdigest()
     assert (rec["tokens_used"], rec["seed"], rec["damp"], rec["calibrated_tensors"]) == (1024, 0, 0.01, 35)
+    assert rec["act_order"] is True and rec["true_sequential"] is True  # the defaults
     assert all(t["method"] == "gptq" for t in man["tensors"] if t["quantized"])
     assert json.load(open(tmp_path / "a" / "config.json"))["quantization_config"]["method"] == "gptq"
     assert outs["a"] == outs["b"]  # a pure function of file, tokens and seed
@@ -173,6 +174,7 @@ def test_calibration_bad_input(stories_dir, halves, tmp_path):
     assert_bad_input(cli("encode", stories_dir, dst, "--method", "gptq"), "--calib", dst=dst)
     assert_bad_input(cli("encode", stories_dir, dst, "--calib", str(tmp_path / "nope.txt")), "not found", dst=dst)
     assert_bad_input(cli("encode", stories_dir, dst, "--calib-tokens", "100"), "--calib", dst=dst)
+    assert_bad_input(cli("encode", stories_dir, dst, "--no-act-order"), "--calib", dst=dst)
     assert_bad_input(cli("encode", stories_dir, dst, "--method", "awq"), "method", dst=dst)
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.")

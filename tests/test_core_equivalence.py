@@ -120,7 +120,12 @@ def ref_quantize(w: torch.Tensor, spec: Spec) -> dict:
     if spec.double_quant:
         out["scales"], out["scales_absmax"], out["scales_offset"], effective = ref_double_quant(absmax)
     else:
-        out["scales"] = absmax.to(blockwise.SCALE_DTYPES[spec.scale_dtype])
+        # stored scales are rounded *up* to the scale dtype (never below the block's absmax): the nearest
+        # value, or the next representable one above it when the nearest fell below
+        dt = blockwise.SCALE_DTYPES[spec.scale_dtype]
+        nearest = absmax.to(dt)
+        up = torch.nextafter(nearest, torch.full_like(nearest, float("inf")))
+        out["scales"] = torch.where(nearest.float() < absmax, up, nearest)
         effective = out["scales"].float()
     divisor = torch.where(effective > 0, effective, torch.ones(()))  # an all-zero block divides by 1
     per_value = divisor.repeat_interleave(B)[: flat.numel()]

@@ -78,7 +78,8 @@ DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, nested deeper than Python's 
 def repack(header: dict, data: bytearray) -> tuple[dict, bytearray]:
     """The tensors of header with their bytes laid out again from offset 0, as a writer would (a valid file)."""
     try:
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
         out = bytearray()
         for _, v in entries:
             begin, end = v["data_offsets"]
@@ -136,7 +137,7 @@ def mutate(blob: bytes, ops) -> bytes:
             md = header.get("__metadata__", {})
             try:
                 tensors = json.loads(md["kbit.tensors"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, RecursionError):
                 continue
             if not isinstance(tensors, dict):
                 continue
@@ -203,8 +204,8 @@ junk = st.one_of(
 st_dtypes = st.sampled_from(["F32", "F16", "BF16", "F64", "U8", "I8", "I16", "I32", "I64", "BOOL", "F8_E4M3",
                              "F8_E5M2", "U16", "U32", "U64", "f32", "X"])
 shapes = st.one_of(st.lists(st.integers(0, 300), max_size=3),
-                   st.sampled_from([[172, 64], [64, 172], [11008], [2, 32, 172], [64, 172, 1], [0, 172], [], [-64, -172],
-                                    [5504, 2], [1372], [2744]]))
+                   st.sampled_from([[172, 64], [64, 172], [11008], [2, 32, 172], [64, 172, 1], [0, 172], [],
+                                    [-64, -172], [5504, 2], [1372], [2744]]))
 offsets = st.one_of(st.lists(st.integers(0, 300_000), min_size=2, max_size=2),
                     st.sampled_from([[0, 0], [0, 2**64 - 1], [-1, 4], [5, 1], [0]]))
 entry_value = {"dtype": st.one_of(st_dtypes, junk), "shape": st.one_of(shapes, junk),
@@ -242,7 +243,8 @@ meta_value = {
     "block_size": st.one_of(st.sampled_from([0, 1, 16, 32, 63, 64, 128, 172, 4096, 11008, -64]), junk),
     "dtype": st.one_of(st.sampled_from(["int", "fp", "nf", "quantile", "dynamic", "nf4", "NF", ""]), junk),
     "shape": st.one_of(shapes, junk),
-    "orig_dtype": st.one_of(st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8", "fp32", "F32"]), junk),
+    "orig_dtype": st.one_of(st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8", "fp32", "F32"]),
+                            junk),
     "codebook": st.one_of(st.sampled_from([CODEBOOK, f"{W}.scales", f"{V}.codes", "kbit.codebook.int4", "",
                                            NORM, f"{W}.codebook", "kbit.codebook.nf4 "]), junk),
     "scale_dtype": st.one_of(st.sampled_from(["fp16", "bf16", "fp32", "f16", "int8"]), junk),
@@ -356,9 +358,9 @@ FOLDER_FILES = ["README.md", "config.json", "model.safetensors", "tokenizer.json
 ACTUAL_SIZE, ACTUAL_SHA = "<size of the named file>", "<sha256 of the named file>"
 record_value = {
     "name": st.one_of(st.sampled_from(FOLDER_FILES + [
-        "../k/model.safetensors", "/etc/passwd", "./model.safetensors", "sub/../model.safetensors", "model.safetensors/",
-        "", ".", "..", "nonexistent.bin", "tokenizer.json\0", "model.safetensors\n", "MODEL.safetensors",
-        "extra.safetensors", "notes.txt", "checkpoints"]), junk),
+        "../k/model.safetensors", "/etc/passwd", "./model.safetensors", "sub/../model.safetensors",
+        "model.safetensors/", "", ".", "..", "nonexistent.bin", "tokenizer.json\0", "model.safetensors\n",
+        "MODEL.safetensors", "extra.safetensors", "notes.txt", "checkpoints"]), junk),
     "bytes": st.one_of(st.just(ACTUAL_SIZE), st.integers(-1, 1 << 20), junk),
     "sha256": st.one_of(st.just(ACTUAL_SHA), st.sampled_from(["0" * 64, "", "x"]), junk),
 }
@@ -376,7 +378,8 @@ manifest_ops = st.lists(st.one_of(
                                                '{"outputs": ' + DEEP + "}"])),
     st.tuples(st.just("touch"), st.sampled_from(["README.md", "config.json", "tokenizer.json", "model.safetensors"])),
     st.tuples(st.just("remove"), st.sampled_from(["config.json", "tokenizer.json", "README.md"])),
-    st.tuples(st.just("create"), st.sampled_from(["extra.safetensors", "notes.txt", "sub/extra.bin", "checkpoints/x.pt"])),
+    st.tuples(st.just("create"),
+              st.sampled_from(["extra.safetensors", "notes.txt", "sub/extra.bin", "checkpoints/x.pt"])),
 ), min_size=1, max_size=4)
 
 
@@ -402,7 +405,7 @@ def mutate_folder(root: str, ops) -> None:
         elif kind == "create":
             os.makedirs(os.path.dirname(os.path.join(root, op[1])), exist_ok=True)
             with open(os.path.join(root, op[1]), "wb") as fh:
-                fh.write(b"not a weight, but named like one" if op[1].endswith((".safetensors", ".bin", ".pt")) else b"hi")
+                fh.write(b"named like a weight file" if op[1].endswith((".safetensors", ".bin", ".pt")) else b"hi")
         elif kind == "outputs":
             if op[1] == DELETE:
                 manifest.pop("outputs", None)
@@ -429,7 +432,8 @@ def mutate_folder(root: str, ops) -> None:
     for rec in manifest.get("outputs") or [] if isinstance(manifest.get("outputs"), list) else []:
         if not isinstance(rec, dict):
             continue
-        target = os.path.join(root, rec["name"]) if isinstance(rec.get("name"), str) and "\0" not in rec["name"] else None
+        name = rec.get("name")
+        target = os.path.join(root, name) if isinstance(name, str) and "\0" not in name else None
         for key, sentinel, value in (("bytes", ACTUAL_SIZE, os.path.getsize), ("sha256", ACTUAL_SHA, _sha)):
             if rec.get(key) == sentinel:
                 try:
@@ -487,7 +491,10 @@ def test_verify_passes_only_when_the_files_really_match(kbit_folder, ops):
         root = os.path.join(tmp, "k")
         shutil.copytree(kbit_folder, root)
         mutate_folder(root, ops)
-        weights_intact = _sha(os.path.join(root, "model.safetensors")) == _sha(os.path.join(kbit_folder, "model.safetensors"))
+        # what opening the checkpoint reads (weights, config) is as written: a matching manifest must then pass
+        readable = all(_sha(os.path.join(root, f)) == _sha(os.path.join(kbit_folder, f))
+                       for f in ("model.safetensors", "config.json")
+                       if f == "model.safetensors" or os.path.exists(os.path.join(root, f)))
         truth = manifest_really_matches(root)
         before = tree_hash(tmp)
         r = cli("inspect", root, "--verify", "--json", "--quiet")
@@ -497,7 +504,7 @@ def test_verify_passes_only_when_the_files_really_match(kbit_folder, ops):
             assert json.loads(r.stdout)["verify"]["ok"] is True
         else:
             assert_one_line(r)
-            assert not (truth and weights_intact), f"a matching manifest was refused: {r.stderr}"
+            assert not (truth and readable), f"a matching manifest was refused: {r.stderr}"
         assert tree_hash(tmp) == before
 
 
@@ -522,6 +529,10 @@ patterns = st.one_of(valid_patterns, st.sampled_from(["re:(", "*", "", "lm_head"
 pattern_lists = st.one_of(patterns, st.lists(patterns, max_size=3), junk)
 override = st.fixed_dictionaries({"pattern": st.one_of(patterns, junk)},
                                  optional={**setting_value, "skip": st.one_of(st.booleans(), junk), "junk": junk})
+def merged(pair: tuple[dict, dict]) -> dict:
+    return {**pair[0], **pair[1]}
+
+
 odd_keys = st.dictionaries(st.one_of(st.integers(-2, 2), st.none(), st.booleans(), st.floats()), junk, max_size=1)
 valid_recipes = st.fixed_dictionaries({}, optional={
     **setting_valid, "targets": st.lists(valid_patterns, min_size=1, max_size=2),
@@ -531,14 +542,15 @@ valid_recipes = st.fixed_dictionaries({}, optional={
 })
 junk_recipes = st.fixed_dictionaries({}, optional={
     **setting_value, "targets": pattern_lists, "ignore": pattern_lists,
-    "overrides": st.one_of(st.lists(st.one_of(override, junk, st.tuples(override, odd_keys).map(lambda t: {**t[0], **t[1]})),
-                                    max_size=3), junk),
+    "overrides": st.one_of(st.lists(st.one_of(override, junk, st.tuples(override, odd_keys).map(merged)), max_size=3),
+                           junk),
     "source": junk, "unknown_key": junk, "Bits": junk,
 })
-recipe_dicts = st.one_of(valid_recipes, junk_recipes, st.tuples(valid_recipes, odd_keys).map(lambda t: {**t[0], **t[1]}))
+recipe_dicts = st.one_of(valid_recipes, junk_recipes, st.tuples(valid_recipes, odd_keys).map(merged))
 YAML_TOKENS = ["&a ", "*a", "*b", "!!python/object/apply:os.system ['true'] ", "!!binary ", "\t", "{", "[", ": ",
                "- ", "\n", "<<: *a\n", "~", "'", '"', "%YAML 1.1\n", "---\n", "...\n", "? ", "&a [*a]", "!!int ",
-               "!!float ", "!!bool ", "!!timestamp ", "!!set ", "!!omap ", "0x1F", "1e400", ".nan", "-.inf", "\x00", "\ufeff"]
+               "!!float ", "!!bool ", "!!timestamp ", "!!set ", "!!omap ", "0x1F", "1e400", ".nan", "-.inf", "\x00",
+               "\ufeff"]
 yaml_texts = st.tuples(
     recipe_dicts, st.booleans(),
     st.lists(st.tuples(st.integers(0, 1 << 12), st.sampled_from(YAML_TOKENS)), max_size=3),
@@ -568,7 +580,8 @@ RECIPES_PY_BUGS = ("OverflowError: cannot convert float infinity to integer",
 @pytest.mark.parametrize("text", ["block_size: .inf\n", "overrides: [{pattern: '*', bits: 3, 1: 2}]\n"])
 def test_recipes_py_internal_errors(stories_dir, tmp_path, text):
     (tmp_path / "r.yaml").write_text(text)
-    assert_one_line(cli("encode", stories_dir, tmp_path / "q", "--recipe", tmp_path / "r.yaml", "--dry-run"), codes=(2,))
+    r = cli("encode", stories_dir, tmp_path / "q", "--recipe", tmp_path / "r.yaml", "--dry-run")
+    assert_one_line(r, codes=(2,))
 
 
 @settings(PROPERTY, max_examples=200)
@@ -578,6 +591,8 @@ def test_recipes_py_internal_errors(stories_dir, tmp_path, text):
 @example(recipe=({"bits": None}, False, [(0, "!!int ")]))
 @example(recipe=({"block_size": {"": 0}}, False, [(16, "!!int ")]))
 @example(recipe=({"bits": "maybe"}, False, [(6, "!!bool ")]))
+# found by this property: a `\U` escape past U+10FFFF (ValueError from PyYAML's scanner)
+@example(recipe=({"bits": "\x1f\U00010000"}, False, [(13, "1e400")]))
 def test_mutated_recipe_dry_run_plans_or_refuses_writing_nothing(stories_dir, recipe):
     before = tree_hash(stories_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -606,6 +621,10 @@ dense_ops = st.lists(st.one_of(entry_ops(DENSE_KEYS), md_ops, raw_ops), min_size
 
 @settings(PROPERTY, max_examples=100)
 @given(ops=dense_ops)
+# found by this property: a source tensor named like one of kbit's parts of a quantized tensor collided with it
+# in the output (internal error), and one named `kbit.codebook.*` was dropped on decode (exit 0, a tensor lost)
+@example(ops=[("copy", EMB, f"{V}.scales"), ("remove", NORM)])
+@example(ops=[("copy", NORM, "kbit.codebook.int4"), ("remove", EMB)])
 def test_mutated_dense_source_encodes_correctly_or_fails_cleanly(stories_dir, dense_baseline, ops):
     with open(os.path.join(stories_dir, "model.safetensors"), "rb") as fh:
         original = fh.read()
@@ -634,10 +653,12 @@ def test_mutated_dense_source_encodes_correctly_or_fails_cleanly(stories_dir, de
             for name, (st_dtype, arr) in got.items():
                 src_dtype, src_arr = given_tensors[name]
                 assert st_dtype == src_dtype and arr.shape == src_arr.shape, name
+                o_dtype, o_arr = orig_tensors.get(name, (None, None))
+                untouched = (o_dtype == src_dtype and o_arr.shape == src_arr.shape
+                             and o_arr.tobytes() == src_arr.tobytes())
                 if name not in quantized:
                     assert arr.tobytes() == src_arr.tobytes(), f"{name}: a dense tensor changed"
-                elif name in orig_tensors and orig_tensors[name][0] == src_dtype and \
-                        orig_tensors[name][1].tobytes() == src_arr.tobytes() and orig_tensors[name][1].shape == src_arr.shape:
+                elif untouched:
                     assert dense_baseline[name][1].tobytes() == arr.tobytes(), f"{name}: untouched, decodes differently"
                 else:  # mutated and quantized: at worst the block's absmax (fp16-rounded scale), never NaN
                     x, y = as_f32(src_dtype, src_arr), as_f32(st_dtype, arr)

@@ -22,7 +22,7 @@ CalibOpt = typer.Option(None, "--calib", help="Calibration text (plain or JSONL 
 CalibTokensOpt = typer.Option(None, "--calib-tokens", help="Calibration tokens to use (default 16384).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the calibration sample.")
 DampOpt = typer.Option(None, "--damp", help="GPTQ dampening, a fraction of mean(diag H) (default 0.01).")
-ActOrderOpt = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending activation energy.")
+ActOrderOpt = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending activation energy (default: on).")
 TargetsOpt = typer.Option(None, "--targets", help="Pattern of tensors to quantize (repeatable); replaces the recipe's.")
 IgnoreOpt = typer.Option(None, "--ignore", help="Pattern of tensors to keep dense (repeatable).")
 OverrideOpt = typer.Option(None, "--override", "-o", help="PATTERN=BITS | PATTERN=skip | PATTERN=key:value,... (repeatable, in order).")
@@ -40,18 +40,18 @@ def recipe_from_options(recipe=None, bits=None, block_size=None, dtype=None, dou
                       ignore=ignore, overrides=override or ())
 
 
-def calibration_from_options(calib=None, calib_tokens=None, seed=0, damp=None, act_order=False):
+def calibration_from_options(calib=None, calib_tokens=None, seed=0, damp=None, act_order=None):
     """The Calibration --calib & co. describe, or None without --calib (then the other options are refused)."""
     from kbitcli.calibration.data import DEFAULT_TOKENS, Calibration
     from kbitcli.errors import bad_input
 
     if calib is None:
-        extra = [n for n, v in (("--calib-tokens", calib_tokens), ("--damp", damp), ("--act-order", act_order or None))
+        extra = [n for n, v in (("--calib-tokens", calib_tokens), ("--damp", damp), ("--act-order", act_order))
                  if v is not None]
         if extra:
             raise bad_input(f"{extra[0]} goes with --calib FILE (calibration text)")
         return None
     c = Calibration(calib, DEFAULT_TOKENS if calib_tokens is None else calib_tokens, seed,
-                    0.01 if damp is None else damp, act_order)
+                    0.01 if damp is None else damp, True if act_order is None else act_order)
     c.check()
     return c

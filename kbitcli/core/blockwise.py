@@ -143,12 +143,14 @@ def check_scales(absmax: torch.Tensor, spec: Spec, name: str) -> torch.Tensor:
             "set scale_dtype: fp32 (or bf16) in the recipe"
         )
     scales = round_up(absmax, sdt)
-    lost = (absmax > 0) & (scales == 0)
+    # underflow: below the dtype's normal range a scale loses precision (down to 0, or the smallest subnormal
+    # far above the block's values), and the block would decode to zeros or garbage, silently
+    lost = (absmax > 0) & ((scales == 0) | (scales.float() > absmax * (1 + 2**-7)))
     if lost.any():
         b = int(lost.nonzero()[0])
         raise bad_input(
-            f"tensor {name!r}: block {b} has |w| up to {float(absmax[b]):.3g}, below the smallest {spec.scale_dtype} "
-            f"scale, so it would decode to zeros; set scale_dtype: fp32 (or bf16) in the recipe, or keep it dense "
+            f"tensor {name!r}: block {b} has |w| up to {float(absmax[b]):.3g}, below what {spec.scale_dtype} scales "
+            f"hold, so it would decode to zeros; set scale_dtype: fp32 (or bf16) in the recipe, or keep it dense "
             f"with --override '{name}=skip'"
         )
     return scales

@@ -253,7 +253,9 @@ def check_meta(m, damaged) -> None:
               "dtype": lambda v: v in DTYPES, "double_quant": lambda v: isinstance(v, bool),
               "scale_dtype": lambda v: v in SCALE_DTYPES, "orig_dtype": lambda v: v in NAME_DTYPES,
               "codebook": lambda v: isinstance(v, str) and v != "",
-              "shape": lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v)}
+              # no zero-size dimension: kbit copies empty tensors dense, and one described as quantized made inspect
+              # divide by its 0 values
+              "shape": lambda v: isinstance(v, list) and all(_is_int(d) and d >= 1 for d in v)}
     for key, ok in checks.items():
         try:
             good = key in m and ok(m[key])

@@ -198,8 +198,8 @@ def print_table(result: dict) -> None:
     console.print(sizes)
     start = result["runs"][1]["startup_rss_mb"]
     console.print(f"Each process starts at ~{start} MB (Python + torch + kbit); the rest is the few tensors in flight "
-                  "(the largest here, embed_tokens and lm_head, are 131 MB each in fp32). nf4 runs use the recipe "
-                  "default scale_search 4 unless marked; int8 uses 1, as recipes/int8.yaml does. Weights are random: "
+                  "(the largest here, embed_tokens and lm_head, are 131 MB each in fp32). nf4 runs use the data-free "
+                  "default (plain absmax, scale_search 1) unless marked; int8 uses 1 too. Weights are random: "
                   "a throughput and memory benchmark, not a quality one.")
 
 

@@ -117,7 +117,7 @@ def causal_windows(tokenizer, text: str, context: int, stride: int, split_on: st
     for p in parts:
         if not p:
             continue
-        ids = ([prefix] if prefix is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"]
+        ids = ([prefix] if prefix is not None else []) + tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"]
         if budget is not None:
             ids = ids[: budget + 1]
             budget -= max(0, len(ids) - 1)

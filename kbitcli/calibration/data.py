@@ -77,7 +77,7 @@ def read_calibration_text(path: str) -> str:
 def calibration_windows(tokenizer, calib: Calibration, seq_len: int) -> torch.Tensor:
     """[windows, seq_len] token ids: ceil(tokens / seq_len) windows drawn without replacement by the seed."""
     text = read_calibration_text(calib.path).replace("<|endoftext|>", "\n\n")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no "longer than max length" warning: it is cut into windows
     bos = tokenizer.bos_token_id
     body = seq_len - (bos is not None)
     available = len(ids) // body

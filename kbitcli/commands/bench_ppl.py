@@ -47,7 +47,10 @@ def show(r: dict, con) -> None:
     con.print(f"context {r['context']}, {r['tokens']:,} tokens ({unit}); tokenizer: {r['tokenizer']}")
     if q.get("recipe"):
         rc = q["recipe"]
-        con.print(f"recipe: k={rc['bits']} block={rc['block_size']} {rc['dtype']}" + ("+dq" if rc.get("double_quant") else ""))
+        cal = rc.get("calibration")
+        con.print(f"recipe: k={rc['bits']} block={rc['block_size']} {rc['dtype']}" + ("+dq" if rc.get("double_quant") else "")
+                  + f", method {rc.get('method', 'rtn')}"
+                  + (f", calibrated on {cal['tokens_used']:,} tokens of {cal['file']}" if cal else ""))
     if b.get("note"):
         con.print(f"[yellow]note[/yellow]: {b['note']}")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kbitcli.core.grid import Grid, storage_rounding
+from kbitcli.core.grid import Grid
 from kbitcli.errors import bad_input
 
 BLOCK = 32
@@ -45,7 +45,9 @@ def fp16_round(x: torch.Tensor) -> torch.Tensor:
 def grid(qtype: str, candidates: int = 1) -> Grid:
     """The grid GPTQ / weighted RTN round a GGUF block onto; its values are what gguf-py decodes."""
     kind, levels, norm = LAYOUT[qtype]
-    return Grid(levels.float(), storage_rounding(torch.float16), candidates=candidates, kind=kind, norm=norm,
+    # d rounded to nearest fp16, as llama.cpp's quantizer stores it (Q4_0's d is signed: kbit's round-up rule,
+    # made for non-negative absmax scales, does not apply)
+    return Grid(levels.float(), lambda s, _ids: fp16_round(s), candidates=candidates, kind=kind, norm=norm,
                 round_offset=fp16_round if kind == "minmax" else None)
 
 

@@ -45,15 +45,10 @@ def open_checkpoint(path: str):
     .names, .shape(n), .orig_dtype(n), .tensor(n, dtype), .config."""
     if not os.path.exists(path):
         raise bad_input(f"{path}: no such file or folder")
-    try:
-        from kbitcli.formats import foreign
-    except ImportError:
-        foreign = None
-    if foreign is not None:
-        reader = foreign.open_foreign(path)
-        if reader is not None:
-            return reader
-    return KbitCheckpoint(path)
+    from kbitcli.formats import foreign
+
+    reader = foreign.open_foreign(path)
+    return reader if reader is not None else KbitCheckpoint(path)
 
 
 def decode(src: str, dst: str, dtype: str | None = None, *, force: bool = False, max_shard_size: str = "5GB",

@@ -95,15 +95,13 @@ def _check_dst(dst: str, src_path: str, force: bool, recipe: Recipe | None = Non
     check_destination(dst, force, folder=os.path.isdir(src_path))  # a file SRC gives a file: `DST/` is refused
 
 
-def encode_tensor(src: Source, t, tensor_hook=None, spill=None) -> dict[str, torch.Tensor]:
+def encode_tensor(src: Source, t, spill=None) -> dict[str, torch.Tensor]:
     """Read one planned tensor and produce its output tensors: output key -> tensor. A tensor calibration
     already quantized (GPTQ / weighted RTN) comes from the spill."""
     if spill is not None and t.name in spill:
         qt = spill.get(t.name)
     else:
         w = src.get(t.name)
-        if tensor_hook is not None:
-            w = tensor_hook(t.name, w)
         if not t.quantized:
             return {t.name: w}
         qt = quantize(w, t.spec, t.name)
@@ -114,14 +112,11 @@ def encode_tensor(src: Source, t, tensor_hook=None, spill=None) -> dict[str, tor
 
 def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_size: str | int | None = DEFAULT_SHARD,
            force: bool = False, dry_run: bool = False, progress=None, lineage: list | None = None,
-           tensor_hook=None, fmt: str = "kbit", gguf_type: str | None = None, calib=None) -> dict:
+           fmt: str = "kbit", gguf_type: str | None = None, calib=None) -> dict:
     """Encode src_path into dst. Returns the summary dict that `--json` prints.
 
     fmt: "kbit" (native), or "bnb" / "compressed-tensors" / "gguf" to write a format other engines load
     (kbitcli/formats/export_common.py; each refuses up front what it cannot hold).
-
-    tensor_hook(name, tensor) -> tensor, if given, transforms each source tensor before it is planned-in
-    (used by finetune's --merge kbit to fold adapters into the base); shapes and dtypes must not change.
 
     calib: a calibration.data.Calibration: the model runs block by block on that text first (sequential
     calibration), and each quantized tensor's codes come from GPTQ or importance-weighted round-to-nearest.
@@ -168,7 +163,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
         return result
     _check_dst(dst, src_path, force, recipe, calib)
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
-    workers = 1 if tensor_hook is not None else default_workers()  # a hook need not be thread-safe
+    workers = default_workers()
     names = shard_names(len(plan.shards))
     with AtomicOutput(dst, folder=folder, force=force) as out, _spill(calib, dst) as spill:
         calibration = None
@@ -187,7 +182,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
                     pf.put(k, v)
                 # a few tensors at once, one thread each (see kbitcli/parallel.py); written here, in order
                 with single_threaded_torch() if workers > 1 else contextlib.nullcontext():
-                    for t, outputs in ordered_map(lambda t: encode_tensor(src, t, tensor_hook, spill), shard, workers):
+                    for t, outputs in ordered_map(lambda t: encode_tensor(src, t, spill), shard, workers):
                         for key, value in outputs.items():
                             pf.put(key, value)
                         progress.advance(t.name, t.in_bytes())

@@ -118,15 +118,12 @@ def open_weights(path: str) -> WeightsReader:
 
 
 def is_quantized_checkpoint(path: str) -> bool:
-    """A kbit checkpoint, or (when the interop readers are installed) a bnb / compressed-tensors / GGUF one."""
+    """A kbit checkpoint, or a bnb / compressed-tensors / GGUF one."""
+    from kbitcli.formats import foreign
     from kbitcli.formats.kbit_format import looks_kbit
 
     if looks_kbit(path):
         return True
-    try:
-        from kbitcli.formats import foreign
-    except ImportError:
-        return False
     try:
         return foreign.open_foreign(path) is not None
     except KbitError:

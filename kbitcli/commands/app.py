@@ -22,14 +22,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register():
-    from kbitcli.commands import decode, encode, inspect  # noqa: F401  (each registers its command on `app`)
-
-    for optional in ("generate", "bench", "finetune"):
-        try:
-            __import__(f"kbitcli.commands.{optional}")
-        except ModuleNotFoundError as e:
-            if e.name != f"kbitcli.commands.{optional}":
-                raise
+    # each module registers its command on `app`
+    from kbitcli.commands import bench, decode, encode, finetune, generate, inspect  # noqa: F401
 
 
 _register()

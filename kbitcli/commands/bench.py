@@ -9,9 +9,4 @@ from kbitcli.commands.app import app
 bench_app = typer.Typer(no_args_is_help=True, help="Measure what each bit buys: error, perplexity, scaling, speed.")
 app.add_typer(bench_app, name="bench")
 
-for _name in ("bench_error", "bench_ppl", "bench_scaling", "bench_speed"):
-    try:
-        __import__(f"kbitcli.commands.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"kbitcli.commands.{_name}":
-            raise
+from kbitcli.commands import bench_error, bench_ppl, bench_scaling, bench_speed  # noqa: E402,F401  (each registers)

@@ -40,10 +40,8 @@ ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def gguf():
-    try:
-        import gguf as mod
-    except ImportError:
-        raise bad_input("GGUF needs the `gguf` package: pip install gguf") from None
+    import gguf as mod  # a runtime dependency (pyproject.toml); imported late: it is slow to import
+
     return mod
 
 

@@ -11,6 +11,7 @@ import time
 import torch
 
 from kbitcli import __version__
+from kbitcli.calibration.spill import Spill, spill_for
 from kbitcli.core.blockwise import quantize
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import FORMAT_VERSION, MANIFEST, file_metadata, shard_names, tensor_meta
@@ -58,13 +59,6 @@ def check_calibration(src: Source, calib) -> None:
         raise bad_input(f"{src.path}: no config.json, so the model cannot run for calibration; add it, or use "
                         "--method rtn without --calib")
     calib.check()
-
-
-def run_calibration(src: Source, src_path: str, plan: Plan, calib, spill, progress) -> dict:
-    from kbitcli.calibration import sequential
-
-    jobs = {t.name: t for t in plan.quantized}
-    return sequential.run(src, src_path, jobs, calib, spill, progress)
 
 
 def recipe_dict(recipe: Recipe) -> dict:
@@ -165,10 +159,12 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     folder = src.is_folder  # a folder gives a folder (shards, config, tokenizer); a file gives a file
     workers = default_workers()
     names = shard_names(len(plan.shards))
-    with AtomicOutput(dst, folder=folder, force=force) as out, _spill(calib, dst) as spill:
+    with AtomicOutput(dst, folder=folder, force=force) as out, spill_for(calib, dst, Spill) as spill:
         calibration = None
         if calib is not None:
-            calibration = run_calibration(src, src_path, plan, calib, spill, progress)
+            from kbitcli.calibration import sequential
+
+            calibration = sequential.run(src, src_path, plan, calib, spill, progress)
             result["calibration"] = calibration
         files = []
         for f in src.files:  # the manifest's sha256 of the input, computed while we quantize
@@ -234,12 +230,3 @@ def check_values(src: Source, plan: Plan, progress=None) -> None:
             progress.advance(t.name, t.in_bytes())
     if progress is not None:
         progress.stop()
-
-
-def _spill(calib, dst: str):
-    """A spill folder beside DST for calibrated tensors (removed on the way out), or nothing."""
-    if calib is None:
-        return contextlib.nullcontext()
-    from kbitcli.calibration.spill import Spill
-
-    return Spill(dst)

@@ -186,3 +186,13 @@ def test_calibration_bad_input(stories_dir, halves, tmp_path):
         (bare / f).write_bytes(open(os.path.join(stories_dir, f), "rb").read())
     assert_bad_input(cli("encode", str(bare), dst, "--method", "gptq", "--calib", calib), "tokenizer", dst=dst)
     assert [f for f in os.listdir(tmp_path) if f.startswith(".kbit")] == []
+
+
+def test_asymmetric_calibration_serves_both_methods(stories_dir, halves, tmp_path):
+    """Calibration(asymmetric=True) (API only) gathers X_q^T X_q and X_q^T X_fp; importance-weighted RTN
+    tensors take the diagonal of the former, GPTQ tensors the least-squares target."""
+    calib, _ = halves
+    r = encode(stories_dir, str(tmp_path / "a"), Recipe(overrides=[]), calib=Calibration(calib, tokens=1024, asymmetric=True))
+    g = encode(stories_dir, str(tmp_path / "g"), Recipe(method="gptq"), calib=Calibration(calib, tokens=1024, asymmetric=True))
+    assert r["calibration"]["asymmetric"] and r["calibration"]["calibrated_tensors"] == 35
+    assert g["calibration"]["calibrated_tensors"] == 35

@@ -77,10 +77,10 @@ def _seq_len(config, calib: Calibration) -> int:
     return seq
 
 
-def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None, log=None, quantizer=None) -> dict:
-    """jobs: checkpoint tensor name -> TensorPlan of every quantized tensor (method rtn or gptq). The ones
-    inside a block are calibrated (GPTQ, or importance-weighted RTN) and written to `spill`; the rest are left
-    to the plain encoder. Returns the calibration record for the manifest.
+def run(src, src_path: str, plan, calib: Calibration, spill, progress=None, quantizer=None) -> dict:
+    """Every quantized tensor of `plan` (method rtn or gptq) that lies inside a block is calibrated (GPTQ, or
+    importance-weighted RTN) and written to `spill`; the rest are left to the plain encoder. Returns the
+    calibration record for the manifest.
 
     quantizer(w, t, H, n, calib) -> (result for spill.put, dequantized fp32 weight) quantizes on another
     format's grid (e.g. GGUF's); H is sum x x^T over the n calibration tokens ([in, in]) for gptq tensors, and
@@ -88,7 +88,7 @@ def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None
     from kbitcli.models.load import name_mapper
 
     t0 = time.time()
-    calib.check()
+    jobs = {t.name: t for t in plan.quantized}  # checkpoint tensor name -> its TensorPlan
     model, tok, config = build_on_meta(src_path)
     seq = _seq_len(config, calib)
     windows = calibration_windows(tok, calib, seq)
@@ -129,6 +129,9 @@ def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None
         for mname, mod in block.named_modules():
             ck = ck_of.get(f"{bprefix}{mname}.weight")
             if ck in jobs and isinstance(mod, _linear_types()):
+                if not isinstance(mod, nn.Linear):  # GPT-2 Conv1D stores [in, out]: blocks run across outputs
+                    raise bad_input(f"{ck}: calibrated quantization of GPT-2 Conv1D weights is not supported yet; "
+                                    "use --method rtn without --calib")
                 targets[ck] = mod
         # true sequential (as GPTQModel): layers that read the same input (q, k, v) form a stage, and each
         # stage is calibrated on the outputs of the stages before it, already quantized
@@ -144,9 +147,6 @@ def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None
                 mod = targets[ck]
                 t = jobs[ck]
                 w = mod.weight.data
-                if not isinstance(mod, nn.Linear):  # GPT-2 Conv1D stores [in, out]: blocks run across outputs
-                    raise bad_input(f"{ck}: calibrated quantization of GPT-2 Conv1D weights is not supported yet; "
-                                    "use --method rtn without --calib")
                 if quantizer is not None:
                     H, n = stats[ck]
                     result, wq = quantizer(w, t, H, n, calib)
@@ -156,8 +156,6 @@ def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None
                 spill.put(ck, result)
                 calibrated.append(ck)
                 mod.weight.data = wq.view_as(w)
-                if log is not None:
-                    log(ck)
         if inputs_fp is not None:
             with _weights(targets, dense_w):
                 inputs_fp = _forward(block, inputs_fp, kwargs)
@@ -167,7 +165,8 @@ def run(src, src_path: str, jobs: dict, calib: Calibration, spill, progress=None
             progress.advance(f"block {bi + 1}/{len(blocks)}, {windows.numel():,} tokens, {time.time() - t0:.0f} s", 0)
     if progress is not None:
         progress.stop()
-    skipped = [n for n in jobs if n not in set(calibrated)]
+    done = set(calibrated)
+    skipped = [n for n in jobs if n not in done]
     rec = calib.record(windows.numel(), len(windows), seq)
     rec.update(seconds=round(time.time() - t0, 2), calibrated_tensors=len(calibrated), uncalibrated=skipped)
     return rec
@@ -185,8 +184,9 @@ def _quantize(w: torch.Tensor, t, stats, calib: Calibration):
             H, n = stats
         return quantize_gptq(w, spec, t.name, H / n * 2, damp=calib.damp, act_order=calib.act_order,
                              candidates=spec.scale_search)
-    H, n = stats  # importance-weighted RTN: imatrix = E[x_j^2]
-    return quantize_weighted(w, spec, t.name, H / n, spec.scale_search)
+    H, n = stats[0], stats[-1]  # importance-weighted RTN: imatrix = E[x_j^2] (the diagonal of a full X^T X)
+    importance = torch.diagonal(H) if H.dim() == 2 else H
+    return quantize_weighted(w, spec, t.name, importance / n, spec.scale_search)
 
 
 def _capture(model, first_block, batches):
@@ -241,20 +241,15 @@ def _collect_asymmetric(block, stage: dict, inputs, inputs_fp, kwargs, all_targe
     out: dict[str, list] = {}
     seen: dict = {}
 
-    def capture(store):
-        def make(ck):
-            def hook(_mod, args):
-                store[ck] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            return make_hook_holder(hook)
-        return make
-
-    def make_hook_holder(h):
-        return h
+    def capture(store, ck):
+        def hook(_mod, args):
+            store[ck] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        return hook
 
     for xq_in, xf_in, (args, kw) in zip(inputs, inputs_fp, kwargs):
         xf, xq = {}, {}
         for store, x, weights in ((xf, xf_in, dense_w), (xq, xq_in, None)):
-            handles = [m.register_forward_pre_hook(capture(store)(ck)) for ck, m in stage.items()]
+            handles = [m.register_forward_pre_hook(capture(store, ck)) for ck, m in stage.items()]
             try:
                 ctx = _weights(all_targets, weights) if weights is not None else contextlib.nullcontext()
                 with torch.no_grad(), ctx:

@@ -3,11 +3,11 @@ order (calibration runs block by block; the output is written in the source's te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -76,3 +76,8 @@ class Spill(PartsSpill):
         d, parts = self.desc[name], super().get(name)
         return QuantizedTensor(d.spec, d.shape, d.orig_dtype, parts["codes"], parts["scales"], parts["codebook"],
                                parts.get("scales_absmax"), parts.get("scales_offset"))
+
+
+def spill_for(calib, dst: str, kind=PartsSpill):
+    """A spill of `kind` beside dst when calibrating, else a null context (yields None)."""
+    return contextlib.nullcontext() if calib is None else kind(dst)

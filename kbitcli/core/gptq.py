@@ -50,12 +50,12 @@ def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _block_values(W: torch.Tensor, blocks: torch.Tensor, block: int, n: int, to_store):
-    """[len(blocks), block] values of the given flat blocks read from W (stored column-permuted), and a
-    weight mask that is 0 on the padding of a short last block (padded with its own last value)."""
-    flat = blocks[:, None] * block + torch.arange(block)
-    valid = flat < n
-    flat = torch.minimum(flat, torch.tensor(n - 1))
-    return W.reshape(-1)[to_store(flat)], valid
+    """[len(blocks), block] values of the given flat blocks read from W (stored column-permuted), a weight mask
+    that is 0 on the padding of a short last block (padded with its own last value), and the flat index of
+    every value in the original weight."""
+    flat = torch.minimum(blocks[:, None] * block + torch.arange(block), torch.tensor(n - 1))
+    valid = blocks[:, None] * block + torch.arange(block) < n
+    return W.reshape(-1)[to_store(flat)], valid, flat
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, block: int, grid: Grid, *, damp: float = 0.01, act_order: bool = False,
@@ -99,11 +99,10 @@ def gptq(w: torch.Tensor, H: torch.Tensor, block: int, grid: Grid, *, damp: floa
         a, b = torch.searchsorted(first_sorted, torch.tensor([i1, i2]))
         fresh = order[a:b]
         if fresh.numel():
-            x, valid = _block_values(W, fresh, block, n, to_store)
+            x, valid, flat = _block_values(W, fresh, block, n, to_store)
             wt = None
             if importance_search and grid.candidates > 1:
-                cols_of = torch.minimum(fresh[:, None] * block + torch.arange(block), torch.tensor(n - 1)) % cols
-                wt = importance[cols_of] * valid
+                wt = importance[flat % cols] * valid
             s, o = grid.fit(x, wt, fresh)
             scale[fresh] = s
             if offset is not None:
@@ -173,11 +172,10 @@ def rtn(w: torch.Tensor, block: int, grid: Grid, importance: torch.Tensor | None
     offset = torch.empty(nb) if grid.kind == "minmax" else None
     for b0 in range(0, nb, chunk_blocks):
         ids = torch.arange(b0, min(nb, b0 + chunk_blocks))
-        x, valid = _block_values(flat, ids, block, n, lambda f: f)
+        x, valid, where = _block_values(flat, ids, block, n, lambda f: f)
         wt = None
         if importance is not None and grid.candidates > 1:
-            cols_of = torch.minimum(ids[:, None] * block + torch.arange(block), torch.tensor(n - 1)) % cols
-            wt = importance.float()[cols_of] * valid
+            wt = importance.float()[where % cols] * valid
         s, o = grid.fit(x, wt, ids)
         scale[ids] = s
         if offset is not None:

@@ -105,23 +105,19 @@ def storage_rounding(scale_dtype: torch.dtype) -> Callable:
 def dq_rounding(scale_codes_table: torch.Tensor, amax2: torch.Tensor, offset: torch.Tensor) -> Callable:
     """Double-quantized scales: the 8-bit grid (offset, one absmax per 256 blocks) is fixed up front from the
     round-to-nearest scales of the original weights; a scale GPTQ chooses later is rounded onto that grid
-    (the same fp32 arithmetic as blockwise.dequantize_scales). Returns s -> (rounded value); the codes are
-    recovered with dq_codes."""
+    (the same fp32 arithmetic as blockwise.dequantize_scales). Returns s -> (rounded value); its `codes_of`
+    gives the 8-bit codes the file stores."""
     from kbitcli.core.blockwise import DQ_BLOCK
 
     table = scale_codes_table.float()
     mids = midpoints(table)
 
-    def rnd(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        a2 = amax2[ids // DQ_BLOCK]
-        safe = torch.where(a2 > 0, a2, torch.ones_like(a2))
-        codes = nearest_level((s - offset) / safe, mids)
-        return table[codes] * a2 + offset
-
     def codes_of(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         a2 = amax2[ids // DQ_BLOCK]
-        safe = torch.where(a2 > 0, a2, torch.ones_like(a2))
-        return nearest_level((s - offset) / safe, mids)
+        return nearest_level((s - offset) / torch.where(a2 > 0, a2, torch.ones_like(a2)), mids)
+
+    def rnd(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return table[codes_of(s, ids)] * amax2[ids // DQ_BLOCK] + offset
 
     rnd.codes_of = codes_of
     return rnd

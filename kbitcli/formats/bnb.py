@@ -24,13 +24,14 @@ import math
 
 import torch
 
+from kbitcli.calibration.spill import spill_for
 from kbitcli.core import codebooks
 from kbitcli.core.blockwise import (DQ_BLOCK, QuantizedTensor, Spec, block_absmax, dequantize, dequantize_scales,
                                     nearest, quantize, quantize_scales)
 from kbitcli.core.pack import pack
 from kbitcli.core.scale_search import search_scales
 from kbitcli.errors import bad_input
-from kbitcli.formats.export_common import (Item, calibrate, calibrated_spill, fix, linear_modules, manifest,
+from kbitcli.formats.export_common import (Item, calibrate, fix, linear_modules, manifest,
                                            module_glob, module_of, refuse, require_folder, result_dict,
                                            source_dtype_name, who, write_hf_folder)
 from kbitcli.formats.foreign import DTYPE_NAMES, Files
@@ -249,7 +250,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     if dry_run:
         return result
     config = {**src.config, "quantization_config": qc}
-    with calibrated_spill(calib, dst) as spill:
+    with spill_for(calib, dst) as spill:
         result["calibration"] = calibrate(src, src_path, plan, calib, spill, progress, calibrated_4bit, "bnb")
         files = write_hf_folder(src, dst, items, lambda i: produce(i, src, spill), config, force=force,
                                 max_shard_bytes=max_shard_bytes, progress=progress,

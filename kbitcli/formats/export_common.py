@@ -9,7 +9,6 @@ and the Hugging Face folder writer (shards + index + config.json + tokenizer fil
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import importlib
 import json
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 
 from kbitcli import __version__
-from kbitcli.calibration.spill import PartsSpill
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import MANIFEST, shard_names
 from kbitcli.formats.output import AtomicOutput, file_record, folder_records
@@ -233,13 +231,6 @@ def source_dtype_name(src) -> str:
 
 # ---- calibrated exports (--method gptq / rtn with --calib) ----------------------------------------------
 
-def calibrated_spill(calib, dst: str):
-    """A PartsSpill beside dst when calibrating, else a null context (yields None)."""
-    if calib is None:
-        return contextlib.nullcontext()
-    return PartsSpill(dst)
-
-
 def calibrate(src, src_path: str, plan, calib, spill, progress, quantizer, fmt: str) -> dict | None:
     """Run the model block by block on the calibration text (calibration/sequential.py), quantizing every
     target with quantizer(w, t, H, n, calib) -> ({part: tensor} for the spill, dequantized fp32 weight) on the
@@ -251,5 +242,4 @@ def calibrate(src, src_path: str, plan, calib, spill, progress, quantizer, fmt: 
     if getattr(calib, "asymmetric", False):
         raise bad_input(f"--format {fmt}: asymmetric (GPTAQ) calibration is written by the native format only; "
                         "use --format kbit, or symmetric calibration")
-    jobs = {t.name: t for t in plan.quantized}
-    return sequential.run(src, src_path, jobs, calib, spill, progress, quantizer=quantizer)
+    return sequential.run(src, src_path, plan, calib, spill, progress, quantizer=quantizer)

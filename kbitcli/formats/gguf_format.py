@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from kbitcli import __version__
+from kbitcli.calibration.spill import spill_for
 from kbitcli.errors import bad_input
 from kbitcli.formats import gguf_grid
-from kbitcli.formats.export_common import (Item, calibrate, calibrated_spill, fix, manifest, module_glob, refuse,
+from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse,
                                            require_folder, result_dict, who)
 from kbitcli.formats.output import AtomicOutput, file_record
 
@@ -250,7 +251,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
         return gguf_grid.quantize(w, qtypes[t.name], H, n, method=t.spec.method, candidates=t.spec.scale_search,
                                   damp=c.damp, act_order=c.act_order, name=t.name)
 
-    with calibrated_spill(calib, dst) as spill, AtomicOutput(dst, folder=False, force=force) as out:
+    with spill_for(calib, dst) as spill, AtomicOutput(dst, folder=False, force=force) as out:
         result["calibration"] = calibrate(src, src_path, plan_view, calib, spill, progress, quantizer, "gguf")
         w = g.GGUFWriter(out.tmp, "llama")
         w.add_name(os.path.basename(os.path.normpath(src.path)))

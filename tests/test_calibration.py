@@ -192,7 +192,7 @@ def test_asymmetric_calibration_serves_both_methods(stories_dir, halves, tmp_pat
     """Calibration(asymmetric=True) (API only) gathers X_q^T X_q and X_q^T X_fp; importance-weighted RTN
     tensors take the diagonal of the former, GPTQ tensors the least-squares target."""
     calib, _ = halves
-    r = encode(stories_dir, str(tmp_path / "a"), Recipe(overrides=[]), calib=Calibration(calib, tokens=1024, asymmetric=True))
+    r = encode(stories_dir, str(tmp_path / "a"), Recipe(), calib=Calibration(calib, tokens=1024, asymmetric=True))
     g = encode(stories_dir, str(tmp_path / "g"), Recipe(method="gptq"), calib=Calibration(calib, tokens=1024, asymmetric=True))
     assert r["calibration"]["asymmetric"] and r["calibration"]["calibrated_tensors"] == 35
     assert g["calibration"]["calibrated_tensors"] == 35

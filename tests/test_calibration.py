@@ -164,6 +164,9 @@ def test_bench_ppl_baseline_scores_a_finished_checkpoint(stories_dir, tinystorie
     assert own["quantized"]["kl_divergence"] < 1e-6  # against its own decoded weights: nothing to see
     assert vs["quantized"]["kl_divergence"] > 0.1 and vs["quantized"]["top1_agreement"] < 0.9
     assert vs["baseline"]["nll"] < vs["quantized"]["nll"]
+    # --baseline is for a finished checkpoint, and must itself be the dense original
+    assert_bad_input(cli("bench", "ppl", stories_dir, "--text", tinystories_text, "--baseline", stories_dir), "--baseline")
+    assert_bad_input(cli("bench", "ppl", dst, "--text", tinystories_text, "--baseline", dst), "--baseline")
 
 
 def test_calibration_bad_input(stories_dir, halves, tmp_path):
@@ -175,6 +178,10 @@ def test_calibration_bad_input(stories_dir, halves, tmp_path):
     assert_bad_input(cli("encode", stories_dir, dst, "--calib", str(tmp_path / "nope.txt")), "not found", dst=dst)
     assert_bad_input(cli("encode", stories_dir, dst, "--calib-tokens", "100"), "--calib", dst=dst)
     assert_bad_input(cli("encode", stories_dir, dst, "--no-act-order"), "--calib", dst=dst)
+    assert_bad_input(cli("encode", stories_dir, dst, "--calib", calib, "--calib-tokens", "8"), "--calib-tokens", dst=dst)
+    for damp in ("0", "2", "nan"):
+        assert_bad_input(cli("encode", stories_dir, dst, "--calib", calib, "--damp", damp), "--damp", dst=dst)
+    assert_bad_input(cli("encode", stories_dir, calib, "--calib", calib, "--force"), "--calib")  # DST = the text
     assert_bad_input(cli("encode", stories_dir, dst, "--method", "awq"), "method", dst=dst)
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.")

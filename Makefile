@@ -27,7 +27,7 @@ demo: install
 	@mkdir -p $(OUT)
 	$(KBIT) encode $(MODEL) $(OUT)/stories260K-nf4 --recipe recipes/llama-nf4.yaml --force
 	$(KBIT) inspect $(OUT)/stories260K-nf4 --verify --quiet
-	$(KBIT) decode $(OUT)/stories260K-nf4 $(OUT)/stories260K-decoded --dtype fp32 --force
+	$(KBIT) decode $(OUT)/stories260K-nf4 $(OUT)/stories260K-decoded --torch-dtype fp32 --force
 	$(KBIT) generate $(OUT)/stories260K-nf4 --prompt "Once upon a time" --max-new-tokens 40
 
 test: install-test
@@ -36,7 +36,7 @@ test: install-test
 bench: install-test
 	$(PY) benchmarks/core_throughput.py
 	$(PY) benchmarks/encode_throughput.py
-	$(KBIT) bench speed $(MODEL) --bits 4 --dtype nf
+	$(KBIT) bench speed $(MODEL) --bits 4 --data-type nf
 	$(PY) benchmarks/finetune_memory.py
 
 # model-level quality of every method, side by side with bitsandbytes on the same tokens (calibrated on

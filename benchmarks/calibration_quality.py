@@ -60,9 +60,24 @@ def bnb_model(dense, names: list[str]):
     return m
 
 
+def self_calibration(dense, tok, args) -> str:
+    """Calibration text sampled from the dense model itself (`kbit generate --prompt '' --samples N
+    --temperature 1`): in the model's own domain, and disjoint from the evaluation text by construction."""
+    from kbitcli.models.generate import generate_text
+
+    n = -(-int(args.calib_tokens * 1.25) // 256)  # 25% spare: samples that stop at end-of-text are shorter
+    out = generate_text(dense, tok, "", max_new_tokens=256, temperature=1.0, seed=args.seed, samples=n)
+    fd, path = tempfile.mkstemp(suffix=".txt", dir=args.tmp)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n\n".join(" ".join(t.split("\n")) for t in out["samples"]) + "\n")
+    print(f"self-calibration: {out['new_tokens']} tokens sampled in {out['seconds']:.0f} s", file=sys.stderr)
+    return path
+
+
 def run_model(path: str, args, configs: list[str]) -> list[dict]:
     dense, tok = load_model(path, dtype="fp32")
     kind = ev.model_kind(path)
+    calib_path = self_calibration(dense, tok, args) if args.calib == "self" else args.calib
     text = ev.read_text(args.eval)
     if kind == "causal":
         ctx, _ = ev.check_context(args.context, None, ev.max_positions(path), 512)
@@ -91,7 +106,7 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         else:
             calib = None
             if calibrated:
-                calib = Calibration(args.calib, args.calib_tokens, args.seed, act_order=calibrated != "noact")
+                calib = Calibration(calib_path, args.calib_tokens, args.seed, act_order=calibrated != "noact")
             with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
                 out = os.path.join(tmp, "q")
                 enc = encode(path, out, Recipe(**settings), calib=calib)
@@ -109,6 +124,8 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
     for r in rows:
         if bnb and "delta_nll" in r and bnb.get("delta_nll"):
             r["vs_bnb"] = r["delta_nll"] / bnb["delta_nll"]
+    if calib_path != args.calib:
+        os.unlink(calib_path)
     return rows
 
 
@@ -132,7 +149,7 @@ def markdown(rows: list[dict]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True)
-    ap.add_argument("--calib", required=True)
+    ap.add_argument("--calib", required=True, help="calibration text, or 'self': text sampled from each model")
     ap.add_argument("--eval", required=True)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--max-tokens", type=int, default=16384)

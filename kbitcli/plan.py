@@ -15,7 +15,7 @@ import torch
 from kbitcli.core.blockwise import Spec, layout, resolve_block
 from kbitcli.core.codebooks import fixed_codebook
 from kbitcli.errors import bad_input
-from kbitcli.formats.safetensors_stream import nbytes
+from kbitcli.io.safetensors_stream import nbytes
 from kbitcli.recipes import Recipe, is_default_target, matches
 
 

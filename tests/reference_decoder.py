@@ -21,7 +21,7 @@ SUPPORTED_VERSION = 1
 # safetensors dtype -> numpy dtype of the stored bytes (BF16 kept as raw 16-bit patterns)
 NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8, "I8": np.int8,
       "I16": np.int16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
-# FORMAT.md 2.4 `orig_dtype` / decode `--dtype` names -> safetensors dtype
+# FORMAT.md 2.4 `orig_dtype` / decode `--torch-dtype` names -> safetensors dtype
 ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
            "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 SCALE_ST = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -132,7 +132,7 @@ def dequantize(name: str, m: dict, t: dict) -> np.ndarray:
 
 def decode(path: str, dtype: str | None = None) -> dict[str, tuple[str, np.ndarray]]:
     """Every tensor of the checkpoint: name -> (safetensors dtype, array). dtype: None (each tensor's
-    original dtype) or fp32 / fp16 / bf16 for every floating-point tensor, as `kbit decode --dtype`."""
+    original dtype) or fp32 / fp16 / bf16 for every floating-point tensor, as `kbit decode --torch-dtype`."""
     out = {}
     for f in checkpoint_files(path):
         meta, t = read_safetensors(f)

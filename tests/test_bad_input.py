@@ -279,7 +279,7 @@ def test_decode_a_dense_checkpoint(stories_dir, out):
 
 def test_decode_bad_dtype(stories_dir, tmp_path, out):
     assert cli("encode", stories_dir, tmp_path / "q", "--quiet").code == 0
-    assert_bad_input(cli("decode", tmp_path / "q", f"{out}/d", "--dtype", "int4"), "--dtype 'int4'", dst=f"{out}/d")
+    assert_bad_input(cli("decode", tmp_path / "q", f"{out}/d", "--torch-dtype", "int4"), "--torch-dtype 'int4'", dst=f"{out}/d")
 
 
 def test_inspect_missing_and_verify_dense(stories_dir):
@@ -288,7 +288,7 @@ def test_inspect_missing_and_verify_dense(stories_dir):
 
 
 @pytest.mark.parametrize("args, mention", [
-    (["--bits", "9"], "bits must be"), (["--block-size", "100"], "power of two"), (["--dtype", "float"], "dtype"),
+    (["--bits", "9"], "bits must be"), (["--block-size", "100"], "power of two"), (["--data-type", "float"], "dtype"),
     (["--max-shard-size", "lots"], "--max-shard-size"), (["--override", "nonsense"], "--override"),
     (["--targets", "re:.*nothing_here"], "matches no"), (["--recipe", "/no/recipe.yaml"], "recipe not found"),
 ])
@@ -312,7 +312,7 @@ def test_as_a_real_process(tmp_path, state, out):
 def test_ctrl_c_leaves_nothing(minilm_dir, tmp_path):
     """SIGINT in the middle of encoding MiniLM (a few seconds of work): no DST, no temporary, exit 1."""
     dst = str(tmp_path / "q")
-    proc = subprocess.Popen(kbit_command() + ["encode", minilm_dir, dst, "--dtype", "quantile"],
+    proc = subprocess.Popen(kbit_command() + ["encode", minilm_dir, dst, "--data-type", "quantile"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # a test runner may start us with SIGINT ignored; the child must see it
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -21,7 +21,7 @@ from kbitcli.core.gptq import gptq, rtn
 from kbitcli.decode import decode
 from kbitcli.encode import encode
 from kbitcli.formats import bnb, gguf_grid
-from kbitcli.formats.foreign import open_foreign
+from kbitcli.formats.registry import open_reader as open_foreign
 from kbitcli.formats.gguf_reader import unpermute
 from kbitcli.formats.source import open_source
 from kbitcli.recipes import Recipe, parse_override

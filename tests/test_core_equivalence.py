@@ -318,7 +318,7 @@ def test_encode_writes_the_reference_codes_with_any_number_of_workers(tmp_path, 
 
     outputs = []
     for workers in (1, 3):
-        monkeypatch.setattr(encode_module, "default_workers", lambda: workers)
+        monkeypatch.setattr("kbitcli.formats.kbit_write.default_workers", lambda: workers)
         dst = tmp_path / f"workers{workers}"
         encode_module.encode(stories_dir, str(dst), Recipe(double_quant=True, scale_search=4))
         outputs.append((dst / "model.safetensors").read_bytes())

@@ -48,9 +48,9 @@ def test_quiet_is_silent_and_default_prints_the_summary(stories_dir, tmp_path):
 @pytest.mark.parametrize("args", [
     [],
     ["--double-quant"],
-    ["--dtype", "quantile", "--bits", "3"],
+    ["--data-type", "quantile", "--bits", "3"],
     ["--max-shard-size", "90KB", "--double-quant", "--override", "re:.*down_proj=dtype:quantile,bits:5"],
-    ["--block-size", "row", "--dtype", "fp", "--bits", "6", "--scale-dtype", "bf16"],
+    ["--block-size", "row", "--data-type", "fp", "--bits", "6", "--scale-dtype", "bf16"],
 ])
 @pytest.mark.parametrize("as_file", [False, True], ids=["folder", "file"])
 def test_dry_run_writes_nothing_and_predicts_the_bytes(stories_dir, tmp_path, args, as_file):
@@ -153,7 +153,7 @@ def test_inspect_reports_plan_and_bits(stories_dir, tmp_path):
 
 def test_decode_dtype_and_config(stories_dir, tmp_path):
     assert cli("encode", stories_dir, tmp_path / "q", "--quiet").code == 0
-    assert cli("decode", tmp_path / "q", tmp_path / "d", "--dtype", "bf16", "--quiet").code == 0
+    assert cli("decode", tmp_path / "q", tmp_path / "d", "--torch-dtype", "bf16", "--quiet").code == 0
     with safe_open(str(tmp_path / "d" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())

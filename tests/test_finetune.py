@@ -18,7 +18,7 @@ from kbitcli.finetune.data import load_blocks
 from kbitcli.finetune.lora import LoraLinear, attach_lora, select_targets
 from kbitcli.finetune.merge import merge
 from kbitcli.finetune.peft_io import apply_adapter, read_adapter
-from kbitcli.formats.kbit_format import MANIFEST
+from kbitcli.io.manifest import MANIFEST
 from kbitcli.models.kbit_linear import KbitLinear
 from kbitcli.models.load import load_model
 from kbitcli.recipes import Recipe

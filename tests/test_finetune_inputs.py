@@ -13,7 +13,7 @@ from kbitcli.commands.app import app
 from kbitcli.errors import KbitError
 from kbitcli.finetune.config import from_dict, load_config
 from kbitcli.finetune.data import batch_indices, load_blocks
-from kbitcli.models.load import load_tokenizer
+from kbitcli.hf import load_tokenizer
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "finetune-lora.yaml")
 

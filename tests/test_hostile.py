@@ -180,7 +180,7 @@ def test_an_intact_checkpoint_still_decodes(kbit_copy, tmp_path):
 
 SIGTERM_MID_ENCODE = """
 import os, signal, sys
-import kbitcli.encode as enc
+import kbitcli.formats.kbit_write as enc
 real = enc.encode_tensor
 def term_then_encode(*a, **k):
     os.kill(os.getpid(), signal.SIGTERM)  # what `timeout`, `kill` and `docker stop` send
@@ -217,7 +217,7 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_reported(stories_dir, tm
 
 
 def test_a_second_run_into_the_same_destination_is_refused(stories_dir, tmp_path):
-    from kbitcli.formats.output import AtomicOutput
+    from kbitcli.io.atomic import AtomicOutput
 
     dst = str(tmp_path / "q")
     with AtomicOutput(dst, folder=True, force=False):  # a first run, still writing

@@ -12,7 +12,7 @@ import torch
 
 from kbitcli.encode import encode
 from kbitcli.errors import KbitError
-from kbitcli.formats.foreign import open_foreign
+from kbitcli.formats.registry import open_reader as open_foreign
 from kbitcli.formats.source import open_source
 from kbitcli.models.load import load_model
 from kbitcli.recipes import Recipe, parse_override
@@ -136,7 +136,7 @@ def test_reader_decodes_a_checkpoint_bitsandbytes_wrote(stories_dir, tmp_path):
 
 @pytest.mark.parametrize("recipe, words", [
     (Recipe(bits=3, dtype="nf", scale_dtype="fp32"), ["4-bit", "--bits 4"]),
-    (Recipe(bits=4, dtype="int", scale_dtype="fp32"), ["nf4/fp4", "--dtype nf"]),
+    (Recipe(bits=4, dtype="int", scale_dtype="fp32"), ["nf4/fp4", "--data-type nf"]),
     (Recipe(bits=4, block_size=16, scale_dtype="fp32"), ["32 to 4096", "--block-size 32"]),
     (Recipe(bits=4, block_size="row", scale_dtype="fp32"), ["block row", "--block-size 64"]),
     (Recipe(bits=4, scale_dtype="fp16"), ["fp32 absmax", "--scale-dtype fp32"]),

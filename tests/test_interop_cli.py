@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from kbitcli.commands.app import app
-from kbitcli.formats.foreign import load_dense
+from kbitcli.models.load import load_model
 from interop_fixtures import logits
 
 runner = CliRunner()
@@ -59,10 +59,10 @@ def test_inspect_and_decode_read_every_format(exports, tmp_path, fmt, stories_di
     assert info["tensors"] == 47 and info["quantized_tensors"] == (30 if fmt == "gguf" else 35)
     assert info["bits_per_param_quantized"] == pytest.approx(exports[fmt][1]["bits_per_param_quantized"], abs=1e-3)
     assert kbit("inspect", path, "--verify").exit_code == 0  # the manifest kbit wrote beside the export
-    r = kbit("decode", path, tmp_path / "dense", "--dtype", "fp32", "--json")
+    r = kbit("decode", path, tmp_path / "dense", "--torch-dtype", "fp32", "--json")
     assert r.exit_code == 0, r.output
     dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"))
-    model, tok = load_dense(path)  # kbit's readers, as `kbit bench` can run them
+    model, tok = load_model(path)  # kbit's readers, as `kbit bench` can run them
     assert tok is not None
     assert (logits(dense) - logits(model)).abs().max().item() < 1e-6
     original = logits(AutoModelForCausalLM.from_pretrained(stories_dir)).flatten()

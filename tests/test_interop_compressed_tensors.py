@@ -12,7 +12,7 @@ import torch
 from kbitcli.encode import encode
 from kbitcli.errors import KbitError
 from kbitcli.formats.compressed_tensors import pack_rows, unpack_rows
-from kbitcli.formats.foreign import open_foreign
+from kbitcli.formats.registry import open_reader as open_foreign
 from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.models.load import load_model
 from kbitcli.recipes import Recipe, parse_override
@@ -138,7 +138,7 @@ def test_reads_asymmetric_checkpoint_compressed_tensors_wrote(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("recipe, words", [
-    (Recipe(dtype="nf", overrides=[ROW]), ["integer codes", "--dtype int"]),
+    (Recipe(dtype="nf", overrides=[ROW]), ["integer codes", "--data-type int"]),
     (Recipe(dtype="int", double_quant=True, overrides=[ROW]), ["one float scale", "--no-double-quant"]),
     (Recipe(dtype="int"), ["172 values", "model.layers.*.mlp.down_proj=block_size:row"]),
     (Recipe(dtype="int", overrides=[ROW], targets=["re:.*proj.weight", "model.embed_tokens.weight"]), ["nn.Linear"]),

@@ -14,7 +14,7 @@ import torch
 from kbitcli.decode import decode
 from kbitcli.encode import encode
 from kbitcli.errors import KbitError
-from kbitcli.formats.foreign import open_foreign
+from kbitcli.formats.registry import open_reader as open_foreign
 from kbitcli.formats.gguf_format import permute
 from kbitcli.formats.source import open_source
 from kbitcli.paths import TINYSTORIES_TEXT
@@ -135,7 +135,7 @@ def test_keeping_a_tensor_dense_is_shown_in_the_plan(stories_dir, tmp_path):
     (dict(recipe=Recipe(bits=3, block_size=32, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN])),
      ["4, 5 or 8 bits", "--bits 4"]),
     (dict(recipe=Recipe(bits=4, block_size=32, dtype="nf", scale_search=1, overrides=[SKIP_FFN_DOWN])),
-     ["integer grid", "--dtype int"]),
+     ["integer grid", "--data-type int"]),
     (dict(recipe=Recipe(bits=4, block_size=32, dtype="int", scale_search=4, overrides=[SKIP_FFN_DOWN])),
      ["scale search", "--scale-search 1"]),
     (dict(recipe=Recipe(bits=8, block_size=32, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN]),

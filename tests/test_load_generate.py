@@ -15,7 +15,8 @@ from kbitcli.errors import KbitError
 from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.models.generate import generate_text
 from kbitcli.models.kbit_linear import KbitLinear
-from kbitcli.models.load import kbit_modules, load_model, name_mapper, weight_memory
+from kbitcli.hf import name_mapper
+from kbitcli.models.load import kbit_modules, load_model, weight_memory
 from kbitcli.recipes import Recipe
 
 
@@ -168,4 +169,31 @@ def test_generate_cli_bad_inputs(minilm_k4, tmp_path):
     bare.mkdir()
     (bare / "model.safetensors").write_bytes(b"")
     r = CliRunner().invoke(app, ["generate", str(bare)])
+    assert r.exit_code == 2 and "not a readable safetensors file" in r.stderr
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, 2)}, str(bare / "model.safetensors"))  # readable weights, still no config.json
+    r = CliRunner().invoke(app, ["generate", str(bare)])
     assert r.exit_code == 2 and "config.json" in r.stderr
+
+
+def test_generate_samples_are_calibration_text(stories_dir, tmp_path):
+    """`--prompt '' --samples N --temperature 1` writes N model-sampled paragraphs to stdout (the product), a
+    file `--calib` reads; the same seed gives the same text, greedy sampling is refused."""
+    args = ["generate", stories_dir, "--prompt", "", "--samples", "5", "--temperature", "1", "--seed", "3", "-n", "40"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    paras = [p for p in r.stdout.split("\n\n") if p.strip()]
+    assert len(paras) == 5 and len(set(paras)) == 5
+    assert r.stdout == CliRunner().invoke(app, args).stdout
+    assert "tokens in" in r.stderr and "tokens in" not in r.stdout
+    (tmp_path / "self.txt").write_text(r.stdout)
+    from kbitcli.calibration.data import Calibration, calibration_windows
+    from transformers import AutoTokenizer
+
+    w = calibration_windows(AutoTokenizer.from_pretrained(stories_dir), Calibration(str(tmp_path / "self.txt"), tokens=64), 32)
+    assert w.shape == (2, 32)
+    r = CliRunner().invoke(app, ["generate", stories_dir, "--samples", "2", "-n", "4"])
+    assert r.exit_code == 2 and "--temperature" in r.stderr
+    r = CliRunner().invoke(app, ["generate", stories_dir, "--samples", "0", "--temperature", "1"])
+    assert r.exit_code == 2 and "--samples" in r.stderr

@@ -107,9 +107,9 @@ def open_weights(path: str) -> WeightsReader:
     from kbitcli.formats.source import open_source
 
     if is_quantized_checkpoint(path):
-        from kbitcli.decode import open_checkpoint
+        from kbitcli.formats.registry import open_reader
 
-        ck = open_checkpoint(path)
+        ck = open_reader(path)
         infos = [(n, ck.orig_dtype(n), ck.shape(n)) for n in ck.names]
         return WeightsReader(path, infos, lambda n: ck.tensor(n, torch.float32), True)
     src = open_source(path)
@@ -118,15 +118,12 @@ def open_weights(path: str) -> WeightsReader:
 
 
 def is_quantized_checkpoint(path: str) -> bool:
-    """A kbit checkpoint, or a bnb / compressed-tensors / GGUF one."""
-    from kbitcli.formats import foreign
-    from kbitcli.formats.kbit_format import looks_kbit
+    """A kbit checkpoint, or a bnb / compressed-tensors / GGUF one (formats/registry.detect)."""
+    from kbitcli.formats.registry import detect
 
-    if looks_kbit(path):
-        return True
     try:
-        return foreign.open_foreign(path) is not None
-    except KbitError:
+        return detect(path) != "dense"
+    except KbitError:  # a layout kbit does not read: open_weights / refuse_quantized say why
         return False
 
 
@@ -194,7 +191,7 @@ def simulated_quantization(model, reader: WeightsReader, plan: Plan):
     same scales, same dequantized weights), up to float rounding of the matmul order. The original weights
     are put back on the way out, so one dense model serves every cell of a study.
     """
-    from kbitcli.models.load import name_mapper
+    from kbitcli.hf import name_mapper
 
     params = model.state_dict(keep_vars=True)
     to_model = name_mapper(set(params), getattr(model, "base_model_prefix", ""))
@@ -225,7 +222,7 @@ def encoded_weights(model, path: str, recipe: Recipe, calib):
 
     from kbitcli.encode import encode
     from kbitcli.formats.kbit_format import KbitCheckpoint
-    from kbitcli.models.load import name_mapper
+    from kbitcli.hf import name_mapper
 
     params = model.state_dict(keep_vars=True)
     to_model = name_mapper(set(params), getattr(model, "base_model_prefix", ""))

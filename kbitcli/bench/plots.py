@@ -15,7 +15,7 @@ import csv
 import json
 import os
 
-from kbitcli.formats.output import AtomicOutput
+from kbitcli.io.atomic import AtomicOutput
 
 COLUMNS = ("model", "kind", "bits", "block_size", "dtype", "double_quant", "total_bits", "params", "bits_per_param_model",
            "bits_per_param", "method", "metric_name", "metric", "nll", "ppl", "kl_divergence", "top1_agreement", "cosine_mean",

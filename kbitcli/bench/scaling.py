@@ -27,7 +27,7 @@ from kbitcli.bench import evaluate as ev
 from kbitcli.bench.error import (encoded_weights, grid_recipes, is_quantized_checkpoint, open_weights, parse_grid,
                                  simulated_quantization)
 from kbitcli.errors import KbitError, bad_input
-from kbitcli.formats.output import AtomicOutput
+from kbitcli.io.atomic import AtomicOutput
 from kbitcli.plan import make_plan
 from kbitcli.recipes import Recipe, from_dict, load_recipe, read_yaml
 

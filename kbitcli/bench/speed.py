@@ -22,7 +22,8 @@ import time
 import torch
 
 from kbitcli.errors import bad_input
-from kbitcli.formats.kbit_format import KbitCheckpoint, looks_kbit
+from kbitcli.formats.kbit_format import KbitCheckpoint
+from kbitcli.formats.registry import detect
 from kbitcli.progress import NullProgress
 from kbitcli.recipes import Recipe
 
@@ -37,7 +38,8 @@ def _rss_of_load(path: str, dtype: str | None, threads: int | None) -> dict:
     """Run in a fresh process: RSS growth while loading `path` (imports done first, so they do not count)."""
     import psutil
 
-    from kbitcli.models.load import kbit_modules, load_model, model_class, read_config, weight_memory
+    from kbitcli.hf import model_class, read_config
+    from kbitcli.models.load import kbit_modules, load_model, weight_memory
 
     if threads:
         torch.set_num_threads(threads)
@@ -62,7 +64,7 @@ def _rss_of_load(path: str, dtype: str | None, threads: int | None) -> dict:
 
 def rss_of_load(path: str, dtype: str | None, threads: int | None) -> dict:
     # fork: the child starts with torch and transformers already imported (spawn would re-import: ~10 s)
-    from kbitcli.models.load import model_class, read_config
+    from kbitcli.hf import model_class, read_config
 
     model_class(read_config(path)[0])  # import the architecture here, once, so a forked child need not
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
@@ -137,7 +139,7 @@ def bench_speed(model_path: str, recipe: Recipe | None = None, *, batch: int = 1
         raise bad_input("--batch, --seq and --runs must be at least 1 (and --warmup at least 0)")
     if threads:
         torch.set_num_threads(threads)
-    is_kbit = looks_kbit(model_path)
+    is_kbit = detect(model_path) == "kbit"
     if is_kbit and recipe is not None:
         raise bad_input(f"{model_path} is already a kbit checkpoint; drop the encode options, or pass the dense original")
     result = {"model": model_path, "batch": batch, "seq": seq, "runs": runs, "dtype": dtype or "stored",

@@ -4,7 +4,7 @@ quantized (as GPTQModel and llm-compressor do), so a block's quantization sees t
 Memory stays bounded whatever the depth: the model is built with every parameter on the `meta` device; only
 the tensors outside the blocks (embeddings, norms) and one block at a time are read from the checkpoint. What
 lives at once: one dense block, its calibration activations (tokens x hidden, twice), and per linear layer a
-Hessian (in x in). Each finished tensor goes to a spill file on disk (calibration/spill.py), not to memory.
+Hessian (in x in). Each finished tensor goes to a spill file on disk (io/spill.py), not to memory.
 
 Per block: (1) run it on the calibration inputs with hooks on its target linear layers, accumulating
 H = 2 X^T X / n (GPTQ) or diag(H) / 2 = E[x^2] (importance-weighted RTN); (2) quantize every target of the
@@ -55,7 +55,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def build_on_meta(src_path: str):
     from transformers import initialization as hf_init
 
-    from kbitcli.models.load import load_tokenizer, model_class, params_on_meta, read_config
+    from kbitcli.hf import load_tokenizer, model_class, params_on_meta, read_config
 
     config, _ = read_config(src_path)
     tok = load_tokenizer(src_path)
@@ -85,7 +85,7 @@ def run(src, src_path: str, plan, calib: Calibration, spill, progress=None, quan
     quantizer(w, t, H, n, calib) -> (result for spill.put, dequantized fp32 weight) quantizes on another
     format's grid (e.g. GGUF's); H is sum x x^T over the n calibration tokens ([in, in]) for gptq tensors, and
     sum x^2 ([in]) for rtn ones. Default: kbit's own grid (a QuantizedTensor)."""
-    from kbitcli.models.load import name_mapper
+    from kbitcli.hf import name_mapper
 
     t0 = time.time()
     jobs = {t.name: t for t in plan.quantized}  # checkpoint tensor name -> its TensorPlan

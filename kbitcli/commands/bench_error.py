@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kbitcli.commands.bench import bench_app
 from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+                                     RecipeOpt, RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
                                      recipe_from_options)
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, run
 
@@ -49,7 +49,7 @@ def _db(v) -> str:
 
 
 def write_out(r: dict, out: str, force: bool) -> list[str]:
-    from kbitcli.formats.output import AtomicOutput
+    from kbitcli.io.atomic import AtomicOutput
 
     with AtomicOutput(out, folder=True, force=force) as o:
         with open(os.path.join(o.tmp, "error.json"), "w") as fh:
@@ -75,23 +75,23 @@ def bench_error_cmd(
     grid: Optional[List[str]] = typer.Option(None, "--grid", help="e.g. 'bits=2..8 block=32,64,128 dtype=nf,fp,int,quantile,dynamic' (keys not given come from the recipe)."),
     out: Optional[str] = typer.Option(None, "--out", help="Folder for error.json, error_configs.csv and error_tensors.csv."),
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
-    dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
+    data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
-    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
 ):
     """Quantization error (SQNR, MSE) and bits per parameter, per tensor and for the whole model; no data needed."""
     from kbitcli.bench.error import bench_error, parse_grid
     from kbitcli.commands.bench_ppl import step_progress
-    from kbitcli.formats.output import check_destination
+    from kbitcli.io.atomic import check_destination
 
     def work(con):
         g = parse_grid(grid) if grid else None
         if out is not None:
             check_destination(out, force)
-        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override,
-                                scale_search)
+        r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
+                                override, scale_search)
         result = bench_error(src, r, g, progress=step_progress(quiet, con))
         if out is not None:
             result["files"] = write_out(result, out, force)

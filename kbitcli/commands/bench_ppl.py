@@ -10,8 +10,8 @@ from rich.table import Table
 from kbitcli.commands.bench import bench_app
 from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
                                      DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
-                                     ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt, calibration_from_options,
-                                     recipe_from_options)
+                                     RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
+                                     calibration_from_options, recipe_from_options)
 from kbitcli.commands.common import JsonOpt, QuietOpt, run
 
 
@@ -70,21 +70,21 @@ def bench_ppl_cmd(
     max_lines: Optional[int] = typer.Option(None, "--max-lines", help="Embed at most N lines (encoders)."),
     simulate: bool = typer.Option(False, "--simulate", help="Run the dense model with dequantized weights instead of k-bit layers (same numbers, faster to set up)."),
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
-    dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
+    data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
     method: Optional[str] = MethodOpt, calib: Optional[str] = CalibOpt, calib_tokens: Optional[int] = CalibTokensOpt,
     seed: int = SeedOpt, damp: Optional[float] = DampOpt, act_order: bool = ActOrderOpt,
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Dense original of an already quantized MODEL (kbit, bnb, compressed-tensors, GGUF folder): score MODEL against it."),
-    as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
 ):
     """Perplexity, KL divergence and top-1 agreement of a k-bit model against its dense original."""
     from kbitcli.bench.ppl import bench_ppl
 
     def work(con):
-        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override,
-                                scale_search, method)
+        r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
+                                override, scale_search, method)
         c = calibration_from_options(calib, calib_tokens, seed, damp, act_order)
         return bench_ppl(model, text, r, context=context, stride=stride, split_on=split_on, max_tokens=max_tokens,
                          max_lines=max_lines, simulate=simulate, progress=step_progress(quiet, con), baseline=baseline,

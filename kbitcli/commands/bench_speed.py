@@ -12,7 +12,7 @@ from rich.table import Table
 from kbitcli.commands.bench import bench_app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, run
 from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                      RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt, removed_dtype_option,
                                      recipe_from_options)
 
 
@@ -54,7 +54,7 @@ def show(r: dict, con) -> None:
 
 
 def write_out(r: dict, out: str, force: bool) -> None:
-    from kbitcli.formats.output import AtomicOutput
+    from kbitcli.io.atomic import AtomicOutput
 
     with AtomicOutput(out, folder=True, force=force) as o:
         with open(os.path.join(o.tmp, "speed.json"), "w") as fh:
@@ -72,23 +72,26 @@ def bench_speed_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     rss: bool = typer.Option(True, "--rss/--no-rss", help="Also measure RSS growth of loading each model in a fresh process."),
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
-    dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
+    data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     out: Optional[str] = typer.Option(None, "--out", help="Folder to write speed.json into."),
     force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    _dtype: Optional[str] = removed_dtype_option(
+        "--dtype is ambiguous and was removed: use --data-type (the codebook: int|fp|nf|quantile|dynamic) "
+        "or --compute-dtype (fp32|fp16|bf16)"),
 ):
     """Encode/decode throughput and k-bit vs dense forward latency and memory, measured side by side."""
     from kbitcli.bench.speed import bench_speed
 
     def work(con):
         if out is not None:
-            from kbitcli.formats.output import check_destination
+            from kbitcli.io.atomic import check_destination
 
             check_destination(out, force)
-        r = recipe_from_options(recipe, bits, block_size, dtype, double_quant, scale_dtype, targets, ignore, override,
-                                scale_search)
+        r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
+                                override, scale_search)
         result = bench_speed(model, r, batch=batch, seq=seq, runs=runs, warmup=warmup, dtype=compute_dtype,
                              threads=threads, rss=rss, progress=step_progress(quiet, con))
         if out is not None:

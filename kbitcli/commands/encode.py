@@ -11,7 +11,8 @@ from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
 from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
                                      DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
-                                     ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt, calibration_from_options)
+                                     RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
+                                     calibration_from_options)
 from kbitcli.encode import DEFAULT_SHARD, encode
 from kbitcli.recipes import Recipe, load_recipe, with_flags
 
@@ -52,7 +53,7 @@ def encode_cmd(
     src: str = typer.Argument(..., help="Dense checkpoint: .safetensors/.bin file or Hugging Face model folder."),
     dst: str = typer.Argument(..., help="Output: a folder for a folder SRC, a file for a file SRC."),
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
-    dtype: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
+    data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
     method: Optional[str] = MethodOpt, calib: Optional[str] = CalibOpt, calib_tokens: Optional[int] = CalibTokensOpt,
     seed: int = SeedOpt, damp: Optional[float] = DampOpt, act_order: bool = ActOrderOpt,
@@ -62,17 +63,17 @@ def encode_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and sizes and run every check a real run makes (reads each tensor once for NaN/Inf and scale range); quantize and write nothing."),
     fmt: str = typer.Option("kbit", "--format", "-f", help="kbit | bnb | compressed-tensors | gguf (see docs/INTEROP.md)."),
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="With --format gguf: Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 (default: from --bits)."),
-    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
 ):
     """Quantize SRC to k bits and write a kbit checkpoint to DST."""
 
     def work(con):
-        from kbitcli.formats.export_common import format_defaults
+        from kbitcli.formats.registry import writer
 
         # without a recipe, a format starts from its own defaults (GGUF: int, blocks of 32); flags still win
-        base = load_recipe(recipe) if recipe else Recipe(**format_defaults(fmt))
+        base = load_recipe(recipe) if recipe else Recipe(**writer(fmt).defaults)
         k = int(gguf_type[1]) if bits is None and gguf_type and gguf_type[1:2].isdigit() else bits
-        r = with_flags(base, bits=k, block_size=block_size, dtype=dtype, double_quant=double_quant,
+        r = with_flags(base, bits=k, block_size=block_size, dtype=data_type, double_quant=double_quant,
                        scale_dtype=scale_dtype, scale_search=scale_search, method=method, targets=targets,
                        ignore=ignore, overrides=override or ())
         c = calibration_from_options(calib, calib_tokens, seed, damp, act_order)

@@ -8,6 +8,7 @@ import typer
 
 from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, progress_for, run
+from kbitcli.commands.options import RemovedDtypeOpt, check_torch_dtype, torch_dtype_option
 from kbitcli.finetune import finetune, load_config, with_flags
 from kbitcli.progress import NullProgress
 
@@ -50,15 +51,16 @@ def finetune_cmd(
     rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scaling alpha/sqrt(r) instead of alpha/r."),
     merge: Optional[str] = typer.Option(None, "--merge", help="Also write OUT/merged-kbit (re-encoded with the base's plan) or OUT/merged-dense."),
     merge_dtype: Optional[str] = typer.Option(None, "--merge-dtype", help="dtype of --merge dense: fp32 | bf16 | fp16 (default: original)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype of the non-adapter parts: fp32 | bf16."),
+    torch_dtype: str = torch_dtype_option("fp32", "the non-adapter parts compute in: fp32 | bf16."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT's run from its last checkpoint."),
-    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
 ):
     """Train a LoRA adapter on the frozen k-bit model, then optionally merge it (k-bit or dense)."""
 
     def work(con):
-        from kbitcli.formats.output import check_not_overlapping
+        from kbitcli.io.atomic import check_not_overlapping
 
+        dtype = check_torch_dtype(torch_dtype)
         check_not_overlapping(out, [("recipe", recipe)])  # --force would delete a recipe kept inside OUT
         cfg = with_flags(load_config(recipe), rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch_size,
                          context=context, targets=targets, dropout=dropout, seed=seed, warmup=warmup,

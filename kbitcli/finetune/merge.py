@@ -13,7 +13,6 @@ sha256), the training steps, and the base's own lineage before it.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -22,24 +21,15 @@ import tempfile
 
 import torch
 
-from kbitcli import __version__
-from kbitcli.decode import out_dtype
 from kbitcli.errors import bad_input
-from kbitcli.formats.kbit_format import MANIFEST, KbitCheckpoint, shard_names
-from kbitcli.formats.output import AtomicOutput, folder_records, sha256_file
-from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
-from kbitcli.formats.source import copy_side_files
+from kbitcli.formats.kbit_format import KbitCheckpoint
+from kbitcli.io import manifest as manifests
+from kbitcli.io.dtypes import parse_float
+from kbitcli.io.manifest import MANIFEST, sha256_file
+from kbitcli.io.writer import FolderWriter, PlannedTensor, shard_names
 from kbitcli.plan import assign_shards, parse_size
 from kbitcli.finetune.peft_io import WEIGHTS, read_adapter, scaling_of
 from kbitcli.recipes import Override, Recipe
-
-
-class _Entry:
-    def __init__(self, name, dtype, shape):
-        self.name, self.dtype, self.shape = name, dtype, shape
-
-    def out_bytes(self):
-        return nbytes(self.dtype, self.shape)
 
 
 def weight_deltas(adapter_dir: str) -> dict[str, torch.Tensor]:
@@ -76,41 +66,28 @@ def write_dense(ck: KbitCheckpoint, deltas: dict, dst: str, dtype: str | None, l
     missing = sorted(set(deltas) - set(ck.names))
     if missing:
         raise bad_input(f"adapter weight {missing[0]!r} is not in the base {ck.path}; was it trained on another model?")
-    want = out_dtype(dtype)
+    want = parse_float(dtype, "--merge-dtype")
     entries = []
     for n in ck.names:
         od = ck.orig_dtype(n)
-        entries.append(_Entry(n, want if (want is not None and od.is_floating_point) else od, ck.shape(n)))
+        entries.append(PlannedTensor(n, want if (want is not None and od.is_floating_point) else od, ck.shape(n)))
     shards = assign_shards(entries, parse_size(max_shard_size))
     names = shard_names(len(shards))
-    with AtomicOutput(dst, folder=True, force=force) as out:
+    with FolderWriter(dst, folder=True, force=force) as out:
         for shard, fname in zip(shards, names):
-            pf = PlannedFile(os.path.join(out.tmp, fname), [(e.name, e.dtype, e.shape) for e in shard], {"format": "pt"})
-            try:
+            with out.shard(fname, [(e.name, e.dtype, e.shape) for e in shard]) as pf:
                 for e in shard:
                     t = ck.tensor(e.name, torch.float32 if e.name in deltas else e.dtype).reshape(e.shape)
                     if e.name in deltas:
                         t = t + deltas[e.name]
                     pf.put(e.name, t.to(e.dtype))
-                pf.close()
-            finally:
-                pf.abort()
-        if len(names) > 1:
-            wm = {e.name: f for shard, f in zip(shards, names) for e in shard}
-            with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
-                json.dump({"metadata": {"total_size": sum(e.out_bytes() for e in entries)}, "weight_map": wm}, fh, indent=2)
-        copy_side_files(ck.path, out.tmp)
         cfg = {k: v for k, v in (ck.config or {}).items() if k != "quantization_config"}
         if want is not None:
             cfg["torch_dtype"] = str(want).removeprefix("torch.")
-        with open(os.path.join(out.tmp, "config.json"), "w") as fh:
-            json.dump(cfg, fh, indent=2)
-        outputs = folder_records(out.tmp)
-        manifest = {"tool": "kbit", "version": __version__,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "kind": "dense (merged)", "dtype": dtype or "original", "outputs": outputs, "lineage": lineage}
-        with open(os.path.join(out.tmp, MANIFEST), "w") as fh:
-            json.dump(manifest, fh, indent=2)
+        manifest = manifests.build("dense", ck.path, [], None, kind="dense (merged)", dtype=dtype or "original",
+                                   lineage=lineage)
+        manifest["source"] = {"path": None, "merged": "dequantized base + LoRA adapter; see lineage"}
+        out.finish(config=cfg, side_files=ck.path, manifest=manifest)
     return {"path": dst, "tensors": len(entries), "merged": len(deltas)}
 
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from kbitcli.decode import out_dtype
+from kbitcli.io.dtypes import parse_float
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.finetune import checkpoint, curve, peft_io, train
 from kbitcli.finetune.atomic import write_json
@@ -33,8 +33,9 @@ from kbitcli.finetune.config import TRAJECTORY, TrainConfig
 from kbitcli.finetune.data import load_blocks
 from kbitcli.finetune.lora import attach_lora, select_targets
 from kbitcli.finetune.progress import NullTrainProgress
-from kbitcli.formats.kbit_format import looks_kbit
-from kbitcli.formats.output import check_not_overlapping, remove_stale, sha256_file
+from kbitcli.formats.registry import detect
+from kbitcli.io.atomic import check_not_overlapping, remove_stale
+from kbitcli.io.manifest import sha256_file
 
 RUN_FILE = "finetune_run.json"
 LOG_FILE = "train_log.jsonl"
@@ -48,7 +49,7 @@ def peak_rss_mb() -> float:
 def check_model(path: str) -> None:
     if not os.path.exists(path):
         raise bad_input(f"{path}: no such file or folder")
-    if not looks_kbit(path):
+    if detect(path) != "kbit":
         raise bad_input(f"{path} is not a kbit checkpoint; finetuning trains on a frozen k-bit base: run "
                         f"`kbit encode {path} {path.rstrip('/')}-nf4 --recipe recipes/llama-nf4.yaml` first")
     if not os.path.isdir(path):
@@ -128,7 +129,7 @@ def finetune(model_path: str, out: str, data: str, cfg: TrainConfig | None = Non
     if merge_dtype is not None:
         if merge != "dense":
             raise bad_input("--merge-dtype applies to --merge dense (a k-bit merge keeps the base's plan)")
-        out_dtype(merge_dtype)  # a typo found now, not after the training
+        parse_float(merge_dtype, "--merge-dtype")  # a typo found now, not after the training
     check_model(model_path)
     # OUT is deleted on --force and filled during the run: it must not be, hold or lie inside any input
     check_not_overlapping(out, [("base model", model_path), ("--data", data), ("--eval-data", eval_data)])

@@ -11,7 +11,7 @@ For a 4-bit linear layer P (bitsandbytes 0.4x-0.50, transformers' `Params4bit` s
 and config.json's `quantization_config` (quant_method "bitsandbytes", load_in_4bit, ...). Blocks run over the
 flattened row-major weight exactly as kbit's do, so kbit's k = 4 `nf` codes (same table, same nibble order)
 are bnb NF4 codes byte for byte. kbit's `fp` at k = 4 is the paper's float (smallest magnitude 1/12); bnb's
-FP4 table differs (smallest magnitude 0.0625/12) and is not sorted, so `--dtype fp` is quantized against
+FP4 table differs (smallest magnitude 0.0625/12) and is not sorted, so `--data-type fp` is quantized against
 bnb's own FP4 table and written in its code order; the plan says so. With --calib (--method gptq, or rtn with
 importance-weighted scales) the codes and absmax come from GPTQ / weighted RTN on that same grid, run block by
 block during calibration (calibrated_4bit).
@@ -24,17 +24,18 @@ import math
 
 import torch
 
-from kbitcli.calibration.spill import spill_for
+from kbitcli.io.spill import spill_for
 from kbitcli.core import codebooks
 from kbitcli.core.blockwise import (DQ_BLOCK, QuantizedTensor, Spec, block_absmax, dequantize, dequantize_scales,
                                     nearest, quantize, quantize_scales)
 from kbitcli.core.pack import pack
 from kbitcli.core.scale_search import search_scales
-from kbitcli.errors import bad_input
-from kbitcli.formats.export_common import (Item, calibrate, fix, linear_modules, manifest,
-                                           module_glob, module_of, refuse, require_folder, result_dict,
-                                           source_dtype_name, who, write_hf_folder)
-from kbitcli.formats.foreign import DTYPE_NAMES, Files
+from kbitcli.errors import KbitError
+from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse, require_folder,
+                                           result_dict, source_dtype_name, who, write_hf_folder)
+from kbitcli.hf import linear_modules, module_of
+from kbitcli.io.dtypes import from_name
+from kbitcli.io.folder import TensorFiles as Files
 
 # scale_search unset: plain absmax data-free (plan.auto_search), so the default export is bitsandbytes' own
 # quantize_4bit byte for byte; with --calib, importance-weighted candidates as the native format has them
@@ -69,7 +70,7 @@ def check(plan, recipe, linears: set[str]) -> None:
                              fix(t, recipe, "bits", 4, "--bits 4")))
         if s.dtype not in QUANT_TYPES:
             problems.append((f"bnb holds only nf4/fp4 and {who(t, recipe, 'dtype')} for dtype {s.dtype}",
-                             fix(t, recipe, "dtype", "nf", "--dtype nf")))
+                             fix(t, recipe, "dtype", "nf", "--data-type nf")))
         if s.block_size not in BLOCKS or t.block_label in ("row", "tensor"):
             nb = 64 if t.block_label in ("row", "tensor") else nearest_block(s.block_size)
             problems.append((f"bnb blocks are powers of two from 32 to 4096 values and {who(t, recipe, 'block_size')} "
@@ -83,7 +84,7 @@ def check(plan, recipe, linears: set[str]) -> None:
         (a, na), (b, nb) = list(kinds.items())[:2]
         problems.append((f"bnb's quantization_config holds one quant type and one double-quant setting per model, "
                          f"but {na!r} is {a[0]}{'+dq' if a[1] else ''} and {nb!r} is {b[0]}{'+dq' if b[1] else ''}",
-                         "(the same --dtype and --double-quant for every quantized tensor)"))
+                         "(the same --data-type and --double-quant for every quantized tensor)"))
     if not plan.quantized:
         problems.append(("no tensor is quantized, so there is nothing for bitsandbytes to load", "--targets ..."))
     refuse("bnb", problems)
@@ -278,19 +279,70 @@ class BnbCheckpoint:
                 w = k.split(".quant_state.bitsandbytes__")[0]
                 try:
                     self.states[w] = json.loads(bytes(self.f.get(k).numpy()).decode())
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise bad_input(f"{path}: {k} is not bitsandbytes quant_state JSON ({e})") from None
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                    raise self._damaged(k, w, f"its quant_state is not JSON: {str(e)[:100]}") from None
+                self._check_4bit(w, k)
                 parts |= {k} | {f"{w}.{s}" for s in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
             elif k.endswith(".SCB"):
                 w = k[: -len(".SCB")] + ".weight"
                 self.int8.add(w)
                 parts |= {k, k[: -len(".SCB")] + ".weight_format"}
         self.names = [k for k in self.f.keys if k not in parts]
-        for w in self.states:
-            if w not in self.f:
-                raise bad_input(f"{path}: {w} has a quant_state but no packed weight; the checkpoint is damaged")
+        for w in self.int8:  # LLM.int8: one absmax (SCB) per weight row
+            scb = w[: -len("weight")] + "SCB"
+            if w not in self.f or len(self.f.shape(w)) != 2 or self.f.shape(scb) != self.f.shape(w)[:1]:
+                raise self._damaged(scb, w, f"{scb} does not hold one value per row of the weight")
         cfg = self.config or {}
-        self.model_dtype = DTYPE_NAMES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+        self.model_dtype = from_name(cfg.get("dtype") or cfg.get("torch_dtype"))
+
+    def _damaged(self, key: str, name: str, what: str) -> KbitError:
+        """Exit 1, worded as KbitCheckpoint's: parts that disagree with the quant_state would decode to garbage."""
+        return KbitError(f"{self.f.where.get(key, self.path)}: tensor {name!r} is damaged ({what}); run `kbit inspect "
+                         f"{self.path} --verify` to check every file against the manifest, then re-export or restore "
+                         "it", exit_code=1)
+
+    def _check_4bit(self, name: str, key: str) -> None:
+        """The quant_state (at key) against the stored parts' sizes, from the safetensors headers (no data read) when
+        the checkpoint is opened: inspect, decode and load all refuse an edited shape or blocksize up front."""
+        st = self.states[name]
+        if not isinstance(st, dict):
+            raise self._damaged(key, name, "its quant_state is not a JSON object")
+        dq = f"{name}.nested_absmax" in self.f
+        size = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        qtype, block, shape, nb, off = map(st.get, ("quant_type", "blocksize", "shape", "nested_blocksize",
+                                                    "nested_offset"))
+        # the conditions short-circuit before any arithmetic on a value of the wrong type
+        for field, bad in (("quant_type", qtype not in ("nf4", "fp4") or qtype != key.rsplit("__", 1)[1]),
+                           ("blocksize", not size(block) or block & (block - 1)),  # a power of two
+                           ("shape", not isinstance(shape, list) or not shape or not all(map(size, shape))),
+                           ("dtype", from_name(st.get("dtype", "float32")) not in (torch.float32, torch.float16,
+                                                                                   torch.bfloat16)),
+                           ("nested_blocksize", dq and not size(nb)),
+                           ("nested_offset", dq and not (isinstance(off, (int, float)) and math.isfinite(off)))):
+            if bad:
+                raise self._damaged(key, name, f"its quant_state has a bad {field}: {st.get(field)!r:.40}")
+        n = math.prod(shape)
+        blocks = -(-n // block)
+        counts = {name: None, f"{name}.absmax": blocks, f"{name}.quant_map": 16}
+        if dq:
+            counts.update({f"{name}.nested_absmax": -(-blocks // nb), f"{name}.nested_quant_map": 256})
+        for k, count in counts.items():
+            if k not in self.f:
+                raise self._damaged(key, name, f"part {k!r} is missing")
+            dt = self.f.dtype(k)
+            if k == name:  # two codes a byte, in (n + 1) // (2 * itemsize) elements of bnb's quant_storage dtype
+                count = (n + 1) // (2 * dt.itemsize)
+            elif not (dt == torch.uint8 if dq and k == f"{name}.absmax" else dt.is_floating_point):
+                raise self._damaged(k, name, f"{k} is {str(dt).removeprefix('torch.')}")
+            if math.prod(self.f.shape(k)) != count:
+                raise self._damaged(k, name, f"{k} holds {math.prod(self.f.shape(k))} values; the quant_state's shape "
+                                    f"{shape} and blocksize {block} imply {count}")
+
+    def _finite(self, name: str, parts: dict[str, torch.Tensor]) -> None:
+        """NaN or Inf in the small tables (never the codes): one float64 sum each, which NaN and Inf survive."""
+        for k, t in parts.items():
+            if t.is_floating_point() and not math.isfinite(t.sum(dtype=torch.float64).item()):
+                raise self._damaged(k, name, f"NaN or Inf in its {k.rsplit('.', 1)[1]}")
 
     def is_quantized(self, name: str) -> bool:
         return name in self.states or name in self.int8
@@ -302,7 +354,7 @@ class BnbCheckpoint:
 
     def orig_dtype(self, name: str) -> torch.dtype:
         if name in self.states:
-            return DTYPE_NAMES.get(self.states[name].get("dtype"), torch.float32)
+            return from_name(self.states[name].get("dtype")) or torch.float32
         if name in self.int8:
             return self.model_dtype or torch.float16
         return self.f.dtype(name)
@@ -318,15 +370,17 @@ class BnbCheckpoint:
         spec_dtype = "nf" if qtype == "nf4" else "fp"
         codebook = self.f.get(f"{name}.quant_map").float()
         absmax = self.f.get(f"{name}.absmax")
+        self._finite(name, {f"{name}.quant_map": codebook, f"{name}.absmax": absmax})
         packed = self.f.get(name).reshape(-1)
         codes = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # bnb_4bit_quant_storage
         shape = tuple(st["shape"])
-        dtype = DTYPE_NAMES.get(st.get("dtype"), torch.float32)
+        dtype = from_name(st.get("dtype")) or torch.float32
         if f"{name}.nested_absmax" not in self.f:
             return QuantizedTensor(Spec(4, st["blocksize"], spec_dtype, False, "fp32"), shape, dtype, codes,
                                    absmax.float(), codebook)
         nested_map = self.f.get(f"{name}.nested_quant_map").float()
         amax2 = self.f.get(f"{name}.nested_absmax").float()
+        self._finite(name, {f"{name}.nested_quant_map": nested_map, f"{name}.nested_absmax": amax2})
         offset = torch.tensor([float(st["nested_offset"])], dtype=torch.float32)
         if st.get("nested_blocksize") == DQ_BLOCK and torch.equal(nested_map, codebooks.dynamic_codebook(8)):
             return QuantizedTensor(Spec(4, st["blocksize"], spec_dtype, True, "fp32"), shape, dtype, codes,
@@ -341,11 +395,16 @@ class BnbCheckpoint:
             qt = self.quantized(name)
             return dequantize(qt, dtype or qt.orig_dtype)
         if name in self.int8:  # LLM.int8 rows: weight int8, SCB = absmax of each row
-            scb = self.f.get(name[: -len(".weight")] + ".SCB").float()
+            key = name[: -len(".weight")] + ".SCB"
+            scb = self.f.get(key).float()
+            self._finite(name, {key: scb})
             w = self.f.get(name).float() * (scb[:, None] / 127.0)
             return w.to(dtype or self.orig_dtype(name))
         t = self.f.get(name)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def write_side_files(self, folder: str) -> None:
+        self.f.copy_side_files(folder)
 
     def describe(self, name: str) -> dict:
         if name in self.states:

@@ -20,16 +20,19 @@ Groups must divide the row (compressed-tensors refuses anything else), so kbit's
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
 
 from kbitcli.core.blockwise import quantize
 from kbitcli.core.pack import unpack
-from kbitcli.errors import bad_input
-from kbitcli.formats.export_common import (Item, fix, linear_modules, manifest, module_glob, module_of, refuse,
-                                           require_folder, result_dict, who, write_hf_folder)
-from kbitcli.formats.foreign import DTYPE_NAMES, Files
+from kbitcli.errors import KbitError, bad_input
+from kbitcli.formats.export_common import (Item, fix, manifest, module_glob, refuse, require_folder, result_dict, who,
+                                           write_hf_folder)
+from kbitcli.hf import linear_modules, module_of
+from kbitcli.io.dtypes import from_name
+from kbitcli.io.folder import TensorFiles as Files
 
 DEFAULTS = {"bits": 4, "block_size": 64, "dtype": "int"}
 
@@ -50,7 +53,7 @@ def check(plan, recipe, linears: set[str]) -> None:
             continue
         if s.dtype != "int":
             problems.append((f"pack-quantized stores integer codes and {who(t, recipe, 'dtype')} for dtype "
-                             f"{s.dtype}", fix(t, recipe, "dtype", "int", "--dtype int")))
+                             f"{s.dtype}", fix(t, recipe, "dtype", "int", "--data-type int")))
         if s.double_quant:
             problems.append((f"compressed-tensors stores one float scale per group and "
                              f"{who(t, recipe, 'double_quant')} for double-quantized (8-bit) scales",
@@ -199,6 +202,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
 # ---- reading (kbit decode / inspect / bench of a compressed-tensors checkpoint) -------------------------
 
 READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized", "float-quantized", "dense")
+STRATEGIES = (None, "tensor", "channel", "group", "tensor_group", "block")  # None: one scale for the tensor
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale", "weight_g_idx",
          "input_scale", "input_zero_point", "output_scale", "output_zero_point")
 
@@ -214,7 +218,13 @@ class CtCheckpoint:
         self.path, self.is_folder, self.config, self.files = path, self.f.is_folder, self.f.config, self.f.files
         qc = self.config["quantization_config"]
         self.global_format = qc.get("format") or "dense"
-        self.groups = list((qc.get("config_groups") or {}).values())
+        groups = qc.get("config_groups") or {}
+        if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+            raise bad_input(f"{os.path.join(path, 'config.json')}: quantization_config.config_groups is not an object "
+                            "of groups; it is not a compressed-tensors config")
+        for name, g in groups.items():
+            self._check_args(name, g.get("weights"))
+        self.groups = list(groups.values())
         self.ignore = qc.get("ignore") or []
         modules = {k.rsplit(".", 1)[0] for k in self.f.keys if k.endswith((".weight_packed", ".weight_scale"))}
         self.schemes = {}  # "<module>.weight" -> (weights args, format)
@@ -227,6 +237,7 @@ class CtCheckpoint:
                 raise bad_input(f"{path}: compressed-tensors format {fmt!r} ({m}) is not read by kbit; it reads "
                                 f"{', '.join(READ_FORMATS)}")
             self.schemes[f"{m}.weight"] = (group["weights"], fmt)
+        self.shapes = {n: self._check_parts(n) for n in self.schemes}  # [rows, cols] of each quantized weight
         dropped = {f"{m.rsplit('.', 1)[0]}.{p}" for m in self.schemes for p in PARTS}
         self.names = []
         for k in self.f.keys:
@@ -235,7 +246,7 @@ class CtCheckpoint:
             elif k not in dropped:
                 self.names.append(k)
         cfg = self.config or {}
-        self.model_dtype = DTYPE_NAMES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
+        self.model_dtype = from_name(cfg.get("dtype") or cfg.get("torch_dtype"))
 
     def _group(self, module: str):
         import re
@@ -251,6 +262,76 @@ class CtCheckpoint:
                 return g
         return None
 
+    def _check_args(self, group: str, args) -> None:
+        """A scheme kbit cannot unpack is bad input (exit 2) when the folder is opened, naming the config group."""
+        at = f"{os.path.join(self.path, 'config.json')}: quantization_config.config_groups.{group}.weights"
+        if not isinstance(args, dict):
+            if args:
+                raise bad_input(f"{at} is {args!r:.40}, not an object")
+            return
+        size = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        k, strategy, g, bs = map(args.get, ("num_bits", "strategy", "group_size", "block_structure"))
+        if not size(k) or not 2 <= k <= 8:
+            raise bad_input(f"{at}.num_bits is {k!r}; kbit reads compressed-tensors weights of 2 to 8 bits")
+        if strategy not in STRATEGIES:
+            raise bad_input(f"{at}.strategy is {strategy!r}; kbit reads {', '.join(map(str, STRATEGIES[1:]))}")
+        if strategy in ("group", "tensor_group") and not size(g):
+            raise bad_input(f"{at}.group_size is {g!r}; strategy {strategy} needs a positive group size")
+        if strategy == "block" and not (isinstance(bs, list) and len(bs) == 2 and all(map(size, bs))):
+            raise bad_input(f"{at}.block_structure is {bs!r}; strategy block needs [rows, columns]")
+
+    def _damaged(self, key: str, name: str, what: str) -> KbitError:
+        """Exit 1, worded as KbitCheckpoint's: the stored parts disagree with weight_shape and the scheme (an edited
+        or truncated part, NaN scales), so dequantizing them would give garbage."""
+        return KbitError(f"{self.f.where.get(key, self.path)}: tensor {name!r} is damaged ({what}); run `kbit inspect "
+                         f"{self.path} --verify` to check every file against the manifest, then re-export or restore "
+                         "it", exit_code=1)
+
+    def _check_parts(self, name: str) -> tuple[int, int]:
+        """[rows, cols] of a quantized weight, its parts' shapes checked against them and the scheme from the headers
+        (plus weight_shape's two values) when the folder is opened, so nothing is reshaped into garbage later."""
+        args, fmt = self.schemes[name]
+        m, k, strategy = self._m(name), args["num_bits"], args.get("strategy")
+        for key in (f"{m}.weight_shape", f"{m}.weight_packed") if fmt == "pack-quantized" else (name,):
+            if key not in self.f:
+                raise self._damaged(key, name, f"part {key!r} is missing")
+        if fmt == "pack-quantized":
+            ws, key = self.f.get(f"{m}.weight_shape"), f"{m}.weight_packed"
+            if ws.is_floating_point() or ws.shape != (2,) or (ws < 1).any():
+                raise self._damaged(f"{m}.weight_shape", name, f"weight_shape is {ws.reshape(-1)[:4].tolist()}, "
+                                    "not [rows, columns]")
+            rows, cols = ws.tolist()
+            want = (rows, -(-cols * k // 32))  # k-bit codes densely packed in int32 words, per row
+            dt, got = self.f.dtype(key), self.f.shape(key)
+            if dt != torch.int32 or got != want:
+                raise self._damaged(key, name, f"{key} is {str(dt).removeprefix('torch.')} {list(got)}; weight_shape "
+                                    f"{[rows, cols]} at {k} bits implies int32 {list(want)}")
+        elif len(self.f.shape(name)) != 2:
+            raise self._damaged(name, name, f"it has shape {list(self.f.shape(name))}, not [rows, columns]")
+        else:
+            rows, cols = self.f.shape(name)
+        key = f"{m}.weight_scale"
+        if key not in self.f:
+            raise self._damaged(key, name, f"part {key!r} is missing")
+        got = self.f.shape(key)
+        if strategy in ("group", "tensor_group"):
+            want = (rows, -(-cols // args["group_size"]))
+        elif strategy == "block":
+            want = (-(-rows // args["block_structure"][0]), -(-cols // args["block_structure"][1]))
+        else:
+            want = (rows, 1) if strategy == "channel" else (1,)
+        # block scales are repeated along both dimensions, so their 2-D shape matters; the others are reshaped
+        if (got != want) if strategy == "block" else math.prod(got) != math.prod(want):
+            raise self._damaged(key, name, f"{key} is {list(got)}; {rows}x{cols} at strategy {strategy} has "
+                                f"{math.prod(want)} scales")
+        zkey = f"{m}.weight_zero_point"
+        if zkey in self.f and not args.get("symmetric", True):  # packed along dim 0 as int32, or one per scale
+            packed = fmt == "pack-quantized" and self.f.dtype(zkey) == torch.int32
+            zwant = (-(-rows * k // 32), got[-1] if len(got) > 1 else 1) if packed else got
+            if (self.f.shape(zkey) != zwant) if packed else math.prod(self.f.shape(zkey)) != math.prod(got):
+                raise self._damaged(zkey, name, f"{zkey} is {list(self.f.shape(zkey))}, its scales {list(got)}")
+        return rows, cols
+
     def is_quantized(self, name: str) -> bool:
         return name in self.schemes
 
@@ -258,12 +339,7 @@ class CtCheckpoint:
         return name[: -len(".weight")]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name in self.schemes:
-            m = self._m(name)
-            if f"{m}.weight_shape" in self.f:
-                return tuple(int(v) for v in self.f.get(f"{m}.weight_shape").tolist())
-            return self.f.shape(name)
-        return self.f.shape(name)
+        return self.shapes[name] if name in self.schemes else self.f.shape(name)
 
     def orig_dtype(self, name: str) -> torch.dtype:
         if name in self.schemes:
@@ -292,6 +368,7 @@ class CtCheckpoint:
         q = self.codes(name).float()
         rows, cols = q.shape
         scale = self.f.get(f"{m}.weight_scale").float()
+        parts = {f"{m}.weight_scale": scale}
         zp = None
         if f"{m}.weight_zero_point" in self.f and not args.get("symmetric", True):
             zp = self.f.get(f"{m}.weight_zero_point")
@@ -300,9 +377,13 @@ class CtCheckpoint:
                 groups = scale.shape[-1] if scale.dim() > 1 else 1
                 zp = unpack_rows(zp.t().contiguous(), k, rows).t() - 2 ** (k - 1)
                 zp = zp.reshape(rows, groups)
-            zp = zp.float()
+            zp = parts[f"{m}.weight_zero_point"] = zp.float()
         if f"{m}.weight_global_scale" in self.f:
-            scale = scale / self.f.get(f"{m}.weight_global_scale").float()
+            parts[f"{m}.weight_global_scale"] = gs = self.f.get(f"{m}.weight_global_scale").float()
+            scale = scale / gs
+        for key, t in parts.items():  # one float64 sum each (NaN and Inf survive it), never over the codes
+            if not math.isfinite(t.sum(dtype=torch.float64).item()):
+                raise self._damaged(key, name, f"NaN or Inf in its {key.rsplit('.', 1)[1]}")
         strategy = args.get("strategy")
         if strategy == "group" or strategy == "tensor_group":
             g = int(args["group_size"])
@@ -320,6 +401,9 @@ class CtCheckpoint:
             zp = None if zp is None else zp.reshape(1, 1)
         w = (q - zp) * scale if zp is not None else q * scale
         return w.to(dtype or self.orig_dtype(name))
+
+    def write_side_files(self, folder: str) -> None:
+        self.f.copy_side_files(folder)
 
     def describe(self, name: str) -> dict:
         if name not in self.schemes:

@@ -3,49 +3,23 @@
 Each format module (formats/bnb.py, formats/compressed_tensors.py, formats/gguf_format.py) checks the plan
 against what its format can hold and refuses up front, before anything is written, naming the tensor and the
 nearest setting it can hold; then it streams tensor by tensor. This module holds the common parts: the
-format's recipe defaults, which modules of the model are linear layers, the result/plan dict the CLI prints,
-and the Hugging Face folder writer (shards + index + config.json + tokenizer files, all-or-nothing).
+refusal message, the result/plan dict the CLI prints, the manifest record, and streaming items through the one
+folder writer (io/writer.py).
 """
 
 from __future__ import annotations
 
-import datetime
-import importlib
-import json
-import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 
-from kbitcli import __version__
 from kbitcli.errors import bad_input
-from kbitcli.formats.kbit_format import MANIFEST, shard_names
-from kbitcli.formats.output import AtomicOutput, file_record, folder_records
-from kbitcli.formats.safetensors_stream import PlannedFile, nbytes
-from kbitcli.formats.source import copy_side_files
+from kbitcli.io import manifest as manifests
+from kbitcli.io.manifest import MANIFEST
+from kbitcli.io.safetensors_stream import nbytes
+from kbitcli.io.writer import FolderWriter, shard_names
 from kbitcli.plan import Plan, TensorPlan, assign_shards
-
-FORMATS = ("kbit", "bnb", "compressed-tensors", "gguf")
-MODULES = {"bnb": "kbitcli.formats.bnb", "compressed-tensors": "kbitcli.formats.compressed_tensors",
-           "gguf": "kbitcli.formats.gguf_format"}
-
-
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise bad_input(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    return fmt
-
-
-def format_module(fmt: str):
-    return importlib.import_module(MODULES[check_format(fmt)])
-
-
-def format_defaults(fmt: str) -> dict:
-    """Recipe settings a format starts from when neither a recipe nor a flag sets them (e.g. GGUF: int, B=32).
-    A setting the user gives explicitly is never changed: a format that cannot hold it refuses it."""
-    return {} if fmt == "kbit" else dict(format_module(fmt).DEFAULTS)
-
 
 def module_glob(name: str) -> str:
     """'model.layers.3.mlp.down_proj.weight' -> 'model.layers.*.mlp.down_proj' (for a suggested --override)."""
@@ -80,38 +54,6 @@ def refuse(fmt: str, problems: list[tuple[str, str]]) -> None:
     sep = " " if all(f.startswith("--") for f in fixes) else ", "
     nearest = f"; nearest: {sep.join(fixes[:4])}" if fixes else ""
     raise bad_input(f"--format {fmt}: {shown}{nearest}; nothing was written")
-
-
-# ---- the model's linear layers -----------------------------------------------------------------------
-
-def linear_modules(config: dict) -> set[str]:
-    """Names of the nn.Linear modules of the transformers model config.json describes (built on `meta`)."""
-    from torch import nn
-    from transformers import AutoConfig
-
-    from kbitcli.models.load import model_class
-
-    raw = {k: v for k, v in config.items() if k != "quantization_config"}
-    if "model_type" not in raw:
-        raise bad_input("config.json has no model_type; it is not a transformers config")
-    try:
-        cfg = AutoConfig.for_model(**raw)
-    except (ValueError, KeyError) as e:
-        raise bad_input(f"config.json: transformers cannot build this model ({str(e).splitlines()[0]})") from None
-    with torch.device("meta"):  # no memory, no init: only the module tree is wanted
-        model = model_class(cfg)._from_config(cfg)
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def module_of(name: str, linears: set[str]) -> str | None:
-    """The linear module a checkpoint tensor `X.weight` belongs to (allowing a missing/extra base prefix)."""
-    if not name.endswith(".weight"):
-        return None
-    module = name[: -len(".weight")]
-    if module in linears:
-        return module
-    hits = [m for m in linears if m.endswith("." + module) or module.endswith("." + m)]
-    return module if len(hits) == 1 else None
 
 
 def require_folder(src, fmt: str) -> None:
@@ -169,14 +111,9 @@ def result_dict(fmt: str, src_path: str, dst: str, dry_run: bool, plan: Plan, it
 def manifest(fmt: str, src, recipe_info: dict, result: dict) -> dict:
     """The manifest's record; `calibration` is the sequential run's record (None for a data-free export),
     as the native format's manifest has it."""
-    return {"tool": "kbit", "version": __version__, "format": fmt,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": os.path.abspath(src.path), "files": [file_record(f) for f in src.files]},
-            "recipe": recipe_info, "tensors": result["plan"], "notes": result["notes"],
-            "calibration": result.get("calibration")}
+    return manifests.build(fmt, src.path, src.files, recipe_info, tensors=result["plan"], notes=result["notes"],
+                           calibration=result.get("calibration"))
 
-
-# ---- Hugging Face folder writer (bnb, compressed-tensors) ---------------------------------------------
 
 def write_hf_folder(src, dst: str, items: list[Item], produce, config: dict, *, force: bool, max_shard_bytes,
                     progress, meta: dict) -> list[str]:
@@ -184,38 +121,18 @@ def write_hf_folder(src, dst: str, items: list[Item], produce, config: dict, *, 
     exactly item.entries. Writes the index (if sharded), config.json, the source's tokenizer/side files and
     a kbit_manifest.json recording how it was made. Returns the written file names."""
     shards = assign_shards(items, max_shard_bytes)
-    names = shard_names(len(shards))
-    with AtomicOutput(dst, folder=True, force=force) as out:
+    with FolderWriter(dst, folder=True, force=force) as out:
         progress.start("export", sum(i.in_bytes() for i in items), len(items))
-        weight_map = {}
-        for shard, fname in zip(shards, names):
-            path = os.path.join(out.tmp, fname)
-            pf = PlannedFile(path, [e for i in shard for e in i.entries], {"format": "pt"})
-            try:
+        for shard, fname in zip(shards, shard_names(len(shards))):
+            with out.shard(fname, [e for i in shard for e in i.entries]) as pf:
                 for i in shard:
                     tensors = produce(i)
                     for key, _, _ in i.entries:
                         pf.put(key, tensors[key])
-                        weight_map[key] = fname
                     progress.advance(i.name, i.in_bytes())
-                pf.close()
-            finally:
-                pf.abort()
         progress.stop()
-        if len(names) > 1:
-            total = sum(i.out_bytes() for i in items)
-            with open(os.path.join(out.tmp, "model.safetensors.index.json"), "w") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
-        if src.is_folder:
-            copy_side_files(src.path, out.tmp)
-        with open(os.path.join(out.tmp, "config.json"), "w") as fh:
-            json.dump(config, fh, indent=2)
-        records = folder_records(out.tmp)
-        files = [r["name"] for r in records]
-        meta = {**meta, "outputs": records}
-        with open(os.path.join(out.tmp, MANIFEST), "w") as fh:
-            json.dump(meta, fh, indent=2)
-    return files + [MANIFEST]
+        records = out.finish(config=config, side_files=src.path if src.is_folder else None, manifest=dict(meta))
+    return [r["name"] for r in records] + [MANIFEST]
 
 
 def source_dtype_name(src) -> str:

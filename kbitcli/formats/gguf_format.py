@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from kbitcli import __version__
-from kbitcli.calibration.spill import spill_for
+from kbitcli.io.spill import spill_for
 from kbitcli.errors import bad_input
 from kbitcli.formats import gguf_grid
 from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse,
                                            require_folder, result_dict, who)
-from kbitcli.formats.output import AtomicOutput, file_record
+from kbitcli.io import manifest as manifests
+from kbitcli.io.atomic import AtomicOutput
 
 # scale_search unset: 1 data-free (llama.cpp's rounding), 8 importance-weighted with --calib (plan.auto_search)
 DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int"}
@@ -92,7 +93,7 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
                              f"{t.block_label}", fix(t, recipe, "block_size", 32, "--block-size 32")))
         if s.dtype != "int":
             problems.append((f"{label} is an integer grid (llama.cpp's rounding) and {who(t, recipe, 'dtype')} "
-                             f"for dtype {s.dtype}", fix(t, recipe, "dtype", "int", "--dtype int")))
+                             f"for dtype {s.dtype}", fix(t, recipe, "dtype", "int", "--data-type int")))
         if s.double_quant:
             problems.append((f"{label} stores one fp16 scale per block and {who(t, recipe, 'double_quant')} for "
                              "double-quantized scales", fix(t, recipe, "double_quant", "false", "--no-double-quant")))
@@ -300,10 +301,8 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
             progress.advance(i.name, i.in_bytes())
         w.close()
         progress.stop()
-        with open(out.sidecar(dst + ".manifest.json"), "w") as fh:
-            outputs = [{**file_record(out.tmp), "name": os.path.basename(dst)}]
-            json.dump({**manifest("gguf", src, recipe_info, result), "outputs": outputs}, fh, indent=2)
-    result["files"] = [os.path.basename(dst), os.path.basename(dst) + ".manifest.json"]
+        manifests.write(manifest("gguf", src, recipe_info, result), out.tmp, dst, out.sidecar(dst + manifests.SIDECAR))
+    result["files"] = [os.path.basename(dst), os.path.basename(dst) + manifests.SIDECAR]
     return result
 
 

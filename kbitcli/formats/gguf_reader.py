@@ -15,10 +15,18 @@ import os
 import numpy as np
 import torch
 
-from kbitcli.errors import bad_input
+from kbitcli.errors import KbitError, bad_input
 from kbitcli.formats.gguf_format import ARCHS, gguf
 
 DENSE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# the llama.* metadata config.json is rebuilt from: key -> required (convert_hf_to_gguf.py writes every one of these)
+COUNTS = {"llama.block_count": True, "llama.embedding_length": True, "llama.feed_forward_length": True,
+          "llama.attention.head_count": True, "llama.attention.head_count_kv": False, "llama.context_length": False,
+          "llama.vocab_size": False, "llama.attention.key_length": False, "llama.rope.dimension_count": False}
+REALS = ("llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.rope.scaling.factor")
+LAYER = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # the weights every block has
+FIX = "not a Llama GGUF as llama.cpp's convert_hf_to_gguf.py writes it; re-convert the model with convert_hf_to_gguf.py"
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -39,13 +47,24 @@ class GgufCheckpoint:
         except Exception as e:  # the gguf package raises ValueError/struct.error/... on damaged files
             raise bad_input(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:200]})") from None
         arch = self.field("general.architecture")
+        if arch is None:
+            raise bad_input(f"{path}: the GGUF metadata has no general.architecture; {FIX}")
         if arch != "llama":
-            raise bad_input(f"{path}: GGUF architecture {arch!r}; kbit reads Llama-architecture GGUF files "
+            raise bad_input(f"{path}: GGUF architecture {arch!r:.40}; kbit reads Llama-architecture GGUF files "
                             "(use transformers' from_pretrained(..., gguf_file=...) for others)")
         self.meta = {f: self.field(f) for f in self.reader.fields}
-        n_layers = int(self.meta["llama.block_count"])
-        self.n_head = int(self.meta["llama.attention.head_count"])
-        self.n_head_kv = int(self.meta.get("llama.attention.head_count_kv", self.n_head))
+        check_meta(path, self.meta)
+        n_layers = self.meta["llama.block_count"]
+        self.n_head = self.meta["llama.attention.head_count"]
+        self.n_head_kv = self.meta.get("llama.attention.head_count_kv") or self.n_head
+        hidden = self.meta["llama.embedding_length"]
+        self.head_dim = (self.meta.get("llama.attention.key_length") or self.meta.get("llama.rope.dimension_count")
+                         or hidden // self.n_head)
+        if self.head_dim % 2:  # rotary dimensions come in pairs (q and k rows are un-permuted pairwise)
+            raise bad_input(f"{path}: the GGUF metadata implies an odd head dimension {self.head_dim}; {FIX}")
+        if n_layers * len(LAYER) > len(self.reader.tensors):  # before naming the weights of every block it claims
+            raise bad_input(f"{path}: the GGUF metadata's llama.block_count {n_layers} needs at least "
+                            f"{n_layers * len(LAYER)} tensors and the file has {len(self.reader.tensors)}; {FIX}")
         names = self.hf_names(n_layers)
         self.tensors = {}  # HF name -> ReaderTensor
         self.names = []
@@ -55,10 +74,36 @@ class GgufCheckpoint:
                 if t.name == "rope_freqs.weight":
                     raise bad_input(f"{path}: rope_freqs (Llama 3 rope scaling) has no transformers weight; kbit "
                                     "reads GGUF files without it")
-                raise bad_input(f"{path}: tensor {t.name!r} has no transformers Llama name")
+                raise bad_input(f"{path}: tensor {t.name!r} has no transformers Llama name (llama.block_count is "
+                                f"{n_layers}); {FIX}")
             self.tensors[hf] = t
             self.names.append(hf)
+        self.check_tensors({hf: gg for gg, hf in names.items()}, n_layers, hidden)
         self.config = self.hf_config()
+
+    def damaged(self, name: str, what: str) -> KbitError:
+        """Exit 1, worded as KbitCheckpoint's: the tensors disagree with the metadata or hold NaN/Inf scales."""
+        return KbitError(f"{self.path}: tensor {name!r} is damaged ({what}); run `kbit inspect {self.path} --verify` "
+                         "to check the file against the manifest, then re-convert or restore it", exit_code=1)
+
+    def check_tensors(self, gguf_names: dict[str, str], n_layers: int, hidden: int) -> None:
+        """Every weight block_count implies is present, with the shapes the metadata implies (from the header, no
+        data read): a truncated file or edited metadata is refused before config.json is rebuilt from it."""
+        want = {"model.embed_tokens.weight": (None, hidden), "model.norm.weight": (hidden,)}
+        for i in range(n_layers):
+            want.update({f"model.layers.{i}.{p}.weight": None for p in LAYER})
+            want[f"model.layers.{i}.self_attn.q_proj.weight"] = (self.n_head * self.head_dim, hidden)
+            want[f"model.layers.{i}.self_attn.k_proj.weight"] = (self.n_head_kv * self.head_dim, hidden)
+            want[f"model.layers.{i}.mlp.up_proj.weight"] = (self.meta["llama.feed_forward_length"], hidden)
+        for hf, shape in want.items():
+            if hf not in self.tensors:
+                raise self.damaged(hf, f"the file has no {gguf_names.get(hf, hf)} though its llama.block_count is "
+                                   f"{n_layers}")
+            got = self.shape(hf)
+            if shape and (len(got) != len(shape) or any(w not in (None, g) for w, g in zip(shape, got))):
+                shown = [w if w is not None else "*" for w in shape]
+                raise self.damaged(hf, f"it is {list(got)} where the llama.* metadata implies {shown} (head_count "
+                                   f"{self.n_head}/{self.n_head_kv}, head dim {self.head_dim})")
 
     def field(self, key: str):
         f = self.reader.fields.get(key)
@@ -90,9 +135,7 @@ class GgufCheckpoint:
 
     def hf_config(self) -> dict:
         m = self.meta
-        hidden = int(m["llama.embedding_length"])
-        head_dim = int(m.get("llama.attention.key_length") or m.get("llama.rope.dimension_count")
-                       or hidden // self.n_head)
+        hidden, head_dim = m["llama.embedding_length"], self.head_dim  # all checked by check_meta
         tokens = m.get("tokenizer.ggml.tokens")
         vocab = m.get("llama.vocab_size") or (len(tokens) if tokens else self.shape("model.embed_tokens.weight")[0])
         cfg = {"architectures": [ARCHS["llama"]], "model_type": "llama", "hidden_size": hidden,
@@ -108,8 +151,8 @@ class GgufCheckpoint:
             cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(m["llama.rope.scaling.factor"])}
         for key in ("bos", "eos", "pad"):
             tid = m.get(f"tokenizer.ggml.{key}_token_id")
-            if tid is not None:
-                cfg[f"{key}_token_id"] = int(tid)
+            if isinstance(tid, int):
+                cfg[f"{key}_token_id"] = tid
         return cfg
 
     def is_quantized(self, name: str) -> bool:
@@ -134,6 +177,9 @@ class GgufCheckpoint:
             w = torch.from_numpy(np.array(t.data)).float()
         else:
             w = torch.from_numpy(np.ascontiguousarray(g.quants.dequantize(t.data, t.tensor_type)))
+            # NaN / Inf block scales (finite ones cannot make a non-finite weight): one float64 sum detects them
+            if not math.isfinite(w.sum(dtype=torch.float64).item()):
+                raise self.damaged(name, f"NaN or Inf in its {kind} block scales")
         w = w.reshape(self.shape(name))
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
             w = unpermute(w, self.n_head)
@@ -161,3 +207,24 @@ class GgufCheckpoint:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(self.path)),
                                             gguf_file=os.path.basename(self.path))
         return list(tok.save_pretrained(folder))
+
+
+def check_meta(path: str, m: dict) -> None:
+    """The llama.* metadata hf_config reads: present where required, positive integers / numbers (a missing or
+    mistyped key was an internal error; it is bad input, exit 2, naming the key)."""
+    for key, required in COUNTS.items():
+        v = m.get(key)
+        if v is None and required:
+            raise bad_input(f"{path}: the GGUF metadata has no {key}; {FIX}")
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise bad_input(f"{path}: the GGUF metadata's {key} is {v!r:.40}, not a positive integer; {FIX}")
+    for key in REALS:
+        v = m.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+            raise bad_input(f"{path}: the GGUF metadata's {key} is {v!r:.40}, not a positive number; {FIX}")
+    if m.get("llama.rope.scaling.type") == "linear" and m.get("llama.rope.scaling.factor") is None:
+        raise bad_input(f"{path}: the GGUF metadata has llama.rope.scaling.type linear but no "
+                        f"llama.rope.scaling.factor; {FIX}")
+    if m["llama.attention.head_count"] % (m.get("llama.attention.head_count_kv") or 1):
+        raise bad_input(f"{path}: the GGUF metadata's llama.attention.head_count {m['llama.attention.head_count']} is "
+                        f"not a multiple of llama.attention.head_count_kv {m['llama.attention.head_count_kv']}; {FIX}")

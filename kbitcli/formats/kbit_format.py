@@ -17,23 +17,24 @@ import os
 
 import torch
 
-from kbitcli.core.blockwise import SCALE_DTYPES, QuantizedTensor, Spec, layout
+from kbitcli.core.blockwise import SCALE_DTYPES, QuantizedTensor, Spec, layout, layout_bits
 from kbitcli.core.codebooks import DTYPES, MAX_BITS, MIN_BITS, fixed_codebook
 from kbitcli.errors import KbitError, bad_input
-from kbitcli.formats.safetensors_stream import ST_DTYPES
-from kbitcli.formats.source import _short, index_files, open_safetensors
+from kbitcli.io.dtypes import config_name, from_name, from_safetensors, safetensors_name
+from kbitcli.io.folder import Folder, open_safetensors
+from kbitcli.io.folder import short_error as _short
+from kbitcli.io.manifest import read_manifest
 
 FORMAT_VERSION = 1
-MANIFEST = "kbit_manifest.json"
 REMAP_BYTES = 64 << 20
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
-NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+# the dtypes a quantized tensor may come from (its `orig_dtype`, as config.json names them)
+ORIG_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def tensor_meta(tp) -> dict:
     s = tp.spec
     meta = {"bits": s.bits, "block_size": s.block_size, "dtype": s.dtype, "double_quant": s.double_quant,
-            "scale_dtype": s.scale_dtype, "scale_search": s.scale_search, "method": s.method, "shape": list(tp.shape), "orig_dtype": DTYPE_NAMES[tp.dtype],
+            "scale_dtype": s.scale_dtype, "scale_search": s.scale_search, "method": s.method, "shape": list(tp.shape), "orig_dtype": config_name(tp.dtype),
             "codebook": f"{tp.name}.codebook" if s.dtype == "quantile" else f"kbit.codebook.{s.dtype}{s.bits}"}
     if s.double_quant:
         meta["scales_codebook"] = "kbit.codebook.dynamic8"  # the table the 8-bit scale codes index
@@ -45,12 +46,6 @@ def file_metadata(tensor_metas: dict[str, dict]) -> dict[str, str]:
             "kbit.tensors": json.dumps(tensor_metas, separators=(",", ":"))}
 
 
-def shard_names(count: int, stem: str = "model") -> list[str]:
-    if count == 1:
-        return [f"{stem}.safetensors"]
-    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
 def is_kbit_file(metadata: dict | None) -> bool:
     return bool(metadata) and metadata.get("format") == "kbit"
 
@@ -58,18 +53,13 @@ def is_kbit_file(metadata: dict | None) -> bool:
 class KbitCheckpoint:
     """Read side of the native format: a single file or a folder of shards (+ index, config, manifest)."""
 
+    format = "kbit"
+
     def __init__(self, path: str):
-        self.path = path
-        self.is_folder = os.path.isdir(path)
-        self.config: dict | None = None
-        self.manifest: dict | None = None
-        if self.is_folder:
-            files = self._folder_files(path)
-            self.config = self._json(os.path.join(path, "config.json"))
-            self.manifest = self._json(os.path.join(path, MANIFEST))
-        else:
-            files = [path]
-        self.files = files
+        self.folder = Folder(path, pickles=False, suffixes=(".safetensors",))
+        self.path, self.is_folder, self.config = path, self.folder.is_folder, self.folder.config
+        self.manifest: dict | None = read_manifest(path) if self.is_folder else None
+        self.files = files = self.folder.files
         self.handles = {}
         self._read: dict[str, int] = {}  # bytes read through each handle since it was opened
         self.names: list[str] = []  # original tensor names, file order
@@ -140,29 +130,6 @@ class KbitCheckpoint:
         return KbitError(f"{file}: tensor {name!r} is damaged ({what}); run `kbit inspect {self.path} --verify` to "
                          "check every file against the manifest, then re-encode or restore it", exit_code=1)
 
-    def _json(self, path: str):
-        if not os.path.exists(path):
-            return None
-        try:
-            with open(path) as fh:
-                data = json.load(fh)
-        except (OSError, ValueError, RecursionError) as e:  # RecursionError: valid JSON nested too deep
-            data = e
-        if not isinstance(data, dict):
-            raise KbitError(f"{path}: damaged (not a JSON object); restore it from the original or re-encode",
-                            exit_code=1)
-        return data
-
-    @staticmethod
-    def _folder_files(path: str) -> list[str]:
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            return index_files(path, index)
-        single = os.path.join(path, "model.safetensors")
-        if os.path.exists(single):
-            return [single]
-        raise bad_input(f"{path}: no model.safetensors or model.safetensors.index.json; is it a kbit checkpoint?")
-
     def _get(self, key: str) -> torch.Tensor:
         if key not in self.where:
             raise self._damaged(self.path, key, "it is missing")
@@ -196,12 +163,12 @@ class KbitCheckpoint:
             if key not in self.where:
                 raise self._damaged(self.path, name, f"part {key!r} is missing")
             sl = self.handles[self.where[key]].get_slice(key)
-            if sl.get_dtype() != ST_DTYPES[dtype] or tuple(sl.get_shape()) != shape:
+            if sl.get_dtype() != safetensors_name(dtype) or tuple(sl.get_shape()) != shape:
                 raise self._damaged(self.where[key], name, f"{key} is {sl.get_dtype()} {list(sl.get_shape())}, its "
-                                    f"metadata implies {ST_DTYPES[dtype]} {list(shape)}")
+                                    f"metadata implies {safetensors_name(dtype)} {list(shape)}")
         dq = m["double_quant"]
         qt = QuantizedTensor(
-            spec, tuple(m["shape"]), NAME_DTYPES[m["orig_dtype"]], self._get(f"{name}.codes"), self._get(f"{name}.scales"),
+            spec, tuple(m["shape"]), from_name(m["orig_dtype"]), self._get(f"{name}.codes"), self._get(f"{name}.scales"),
             self._get(m["codebook"]).float(),
             self._get(f"{name}.scales_absmax") if dq else None, self._get(f"{name}.scales_offset") if dq else None)
         shared = (self.where[m["codebook"]], m["codebook"])  # a fixed table is checked once per file
@@ -225,13 +192,11 @@ class KbitCheckpoint:
     def orig_dtype(self, name: str) -> torch.dtype:
         m = self.meta[name]
         if m is not None:
-            return NAME_DTYPES[m["orig_dtype"]]
-        from kbitcli.formats.safetensors_stream import TORCH_DTYPES
-
+            return from_name(m["orig_dtype"])
         stored = self.handles[self.where[name]].get_slice(name).get_dtype()
-        if stored not in TORCH_DTYPES:  # kbit never writes one: the file was edited or is not ours
+        if from_safetensors(stored) is None:  # kbit never writes one: the file was edited or is not ours
             raise self._damaged(self.where[name], name, f"it is stored as {stored}, which kbit never writes")
-        return TORCH_DTYPES[stored]
+        return from_safetensors(stored)
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor as the original model had it (dequantized if needed), in `dtype` (default: original)."""
@@ -243,6 +208,19 @@ class KbitCheckpoint:
         t = self.dense(name)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
+    def describe(self, name: str) -> dict:
+        m = self.meta[name]
+        if m is None:
+            dt = self.orig_dtype(name)
+            return {"bytes": dt.itemsize * math.prod(self.shape(name)), "data_type": config_name(dt)}
+        bits = layout_bits(Spec(m["bits"], m["block_size"], m["dtype"], m["double_quant"], m["scale_dtype"]),
+                           math.prod(m["shape"]))
+        return {"bytes": bits // 8, "bits": m["bits"], "block_size": m["block_size"], "data_type": m["dtype"],
+                "double_quant": m["double_quant"]}
+
+    def write_side_files(self, folder: str) -> None:
+        self.folder.copy_side_files(folder)
+
 
 def check_meta(m, damaged) -> None:
     """The per-tensor metadata has every field, of the right type and range (checked when the file is opened, so
@@ -251,7 +229,7 @@ def check_meta(m, damaged) -> None:
         raise damaged("its metadata is not a JSON object")
     checks = {"bits": lambda v: _is_int(v) and MIN_BITS <= v <= MAX_BITS, "block_size": lambda v: _is_int(v) and v >= 1,
               "dtype": lambda v: v in DTYPES, "double_quant": lambda v: isinstance(v, bool),
-              "scale_dtype": lambda v: v in SCALE_DTYPES, "orig_dtype": lambda v: v in NAME_DTYPES,
+              "scale_dtype": lambda v: v in SCALE_DTYPES, "orig_dtype": lambda v: v in ORIG_DTYPES,
               "codebook": lambda v: isinstance(v, str) and v != "",
               # no zero-size dimension: kbit copies empty tensors dense, and one described as quantized made inspect
               # divide by its 0 values
@@ -273,15 +251,3 @@ def _table_len(dtype: str, bits: int) -> int:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def looks_kbit(path: str) -> bool:
-    """True if path is a kbit checkpoint (file or folder), judged by its header metadata only."""
-    try:
-        if os.path.isdir(path):
-            files = KbitCheckpoint._folder_files(path)
-        else:
-            files = [path]
-        return is_kbit_file(open_safetensors(files[0]).metadata())
-    except Exception:
-        return False

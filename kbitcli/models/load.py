@@ -8,112 +8,17 @@ in place. No full-precision copy of a quantized weight is ever allocated.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 
 import torch
 from torch import nn
 
 from kbitcli.errors import bad_input
-from kbitcli.formats.kbit_format import KbitCheckpoint, looks_kbit
+from kbitcli.formats.kbit_format import KbitCheckpoint
+from kbitcli.formats.registry import detect, open_reader
+from kbitcli.hf import load_tokenizer, model_class, name_mapper, params_on_meta, read_config
+from kbitcli.io.dtypes import parse_float
 from kbitcli.models.kbit_linear import KbitLinear, share_tables
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in ("auto", "original", ""):
-        return None
-    if dtype not in DTYPES:
-        raise bad_input(f"dtype {dtype!r}: choose one of fp32, fp16, bf16 (or auto)")
-    return DTYPES[dtype]
-
-
-def read_config(path: str):
-    """transformers config of a model folder, without our quantization_config (transformers has no 'kbit' method)."""
-    from transformers import AutoConfig
-
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path) or not os.path.exists(cfg_path):
-        raise bad_input(f"{path}: loading a model needs a model folder with config.json (a bare weights file "
-                        "has no architecture); point at the folder `kbit encode` wrote")
-    try:
-        with open(cfg_path) as fh:
-            raw = json.load(fh)
-    except ValueError as e:
-        raise bad_input(f"{cfg_path}: not valid JSON ({e})") from None
-    quant = raw.pop("quantization_config", None)
-    if "model_type" not in raw:
-        raise bad_input(f"{cfg_path} has no model_type; it is not a transformers config")
-    try:
-        config = AutoConfig.for_model(**raw)
-    except (ValueError, KeyError) as e:
-        raise bad_input(f"{cfg_path}: transformers cannot build this config ({str(e).splitlines()[0]}); "
-                        "upgrade transformers or fix config.json") from None
-    return config, quant
-
-
-def model_class(config, override=None):
-    """The class config.json names (e.g. LlamaForCausalLM), else AutoModelForCausalLM for causal LMs, else AutoModel."""
-    import transformers
-
-    if override is not None:
-        return getattr(transformers, override) if isinstance(override, str) else override
-    for arch in config.architectures or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
-
-
-@contextlib.contextmanager
-def params_on_meta():
-    """Every nn.Parameter created inside lands on the meta device (no memory, no init work); buffers stay real."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def name_mapper(model_keys: set[str], prefix: str):
-    """Checkpoint name -> model state-dict name, trying the base_model_prefix both ways (a BertModel checkpoint
-    has `encoder.…`, a BertForMaskedLM model wants `bert.encoder.…`, and the other way round)."""
-
-    def to_model(name: str) -> str | None:
-        candidates = [name]
-        if prefix:
-            candidates += [f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None]
-        return next((c for c in candidates if c in model_keys), None)
-
-    return to_model
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
-    if not any(os.path.exists(os.path.join(path, n)) for n in names):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise bad_input(f"{path}: tokenizer files are present but unreadable ({str(e).splitlines()[0]})") from None
 
 
 def load_model(path: str, *, dtype=None, device="cpu", model_cls=None, tokenizer: bool = True):
@@ -124,21 +29,50 @@ def load_model(path: str, *, dtype=None, device="cpu", model_cls=None, tokenizer
     """
     if not os.path.exists(path):
         raise bad_input(f"{path}: no such file or folder")
-    dt = parse_dtype(dtype)
-    if looks_kbit(path):
+    dt = parse_float(dtype, "--torch-dtype")
+    fmt = detect(path)
+    if fmt == "kbit":
         model = _load_kbit(path, dt, model_cls)
     else:
-        from kbitcli.formats.foreign import load_dense as load_foreign
-
-        # bitsandbytes / compressed-tensors / GGUF checkpoints: their weights decoded by kbit's own readers
-        foreign = load_foreign(path, dt)
-        if foreign is not None:
-            model, tok = foreign
-            return model.to(device).eval(), (tok if tokenizer else None)
+        if fmt != "dense":  # bitsandbytes / compressed-tensors / GGUF: weights decoded by kbit's own readers
+            model, tok = _load_foreign(open_reader(path), dt, tokenizer)
+            return model.to(device).eval(), tok
         model = _load_dense(path, dt, model_cls)
     model.to(device).eval()
     share_tables(m for m in model.modules() if isinstance(m, KbitLinear))  # .to() copies shared tables apart
     return model, (load_tokenizer(path) if tokenizer else None)
+
+
+def _load_foreign(reader, dtype, tokenizer: bool):
+    """(transformers model, tokenizer or None) for a bnb / compressed-tensors / GGUF checkpoint, its weights
+    dequantized by kbit's readers: what `kbit bench` and `kbit generate` run for any of them without
+    bitsandbytes, compressed-tensors or llama.cpp."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers import initialization as hf_init
+
+    path = reader.path
+    raw = {k: v for k, v in (reader.config or {}).items() if k != "quantization_config"}
+    if "model_type" not in raw:
+        raise bad_input(f"{path}: no config.json with a model_type; cannot build the model")
+    config = AutoConfig.for_model(**raw)
+    with params_on_meta(), hf_init.no_init_weights():  # parameters cost nothing until assigned; buffers stay real
+        model = model_class(config)._from_config(config)
+    keys = set(model.state_dict())
+    state = {n: reader.tensor(n, dtype) for n in reader.names if n in keys}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    meta = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
+    if meta:
+        raise bad_input(f"{path}: the checkpoint has no tensor for {meta[0]!r} ({len(meta)} missing)")
+    if dtype is not None:
+        model.to(dtype)
+    tok = None
+    if tokenizer and reader.format == "gguf":
+        if reader.meta.get("tokenizer.ggml.tokens"):
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    elif tokenizer:
+        tok = load_tokenizer(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    return model.eval(), tok
 
 
 def _load_dense(path: str, dtype, model_cls):

@@ -18,12 +18,8 @@ import struct
 
 import torch
 
-ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+from kbitcli.io.dtypes import safetensors_name
+
 
 
 def nbytes(dtype: torch.dtype, shape) -> int:
@@ -38,7 +34,7 @@ def planned_header(entries, metadata: dict[str, str] | None = None) -> tuple[byt
     offset = 0
     for name, dtype, shape in entries:
         size = nbytes(dtype, shape)
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": safetensors_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8), offset

@@ -10,7 +10,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from kbitcli.bench.scaling import frontier, load_study, run_study
+from kbitcli.bench.frontier import frontier
+from kbitcli.bench.scaling import load_study, run_study
 from kbitcli.commands.app import app
 from kbitcli.errors import KbitError
 from kbitcli.progress import NullProgress

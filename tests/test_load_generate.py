@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from kbitcli.commands.app import app
 from kbitcli.errors import KbitError
 from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.models.generate import generate_text
-from kbitcli.models.kbit_linear import KbitLinear
 from kbitcli.hf import name_mapper
 from kbitcli.models.load import kbit_modules, load_model, weight_memory
 from kbitcli.recipes import Recipe

@@ -15,6 +15,7 @@ import csv
 import json
 import os
 
+from kbitcli.bench.frontier import describe_cell, frontier, varies_search
 from kbitcli.io.atomic import AtomicOutput
 
 COLUMNS = ("model", "kind", "bits", "block_size", "dtype", "double_quant", "total_bits", "params", "bits_per_param_model",
@@ -24,7 +25,6 @@ MARKERS = {"nf": "o", "fp": "s", "int": "^", "quantile": "D", "dynamic": "v"}
 
 
 def _label(c: dict, rows: list[dict]) -> str:
-    from kbitcli.bench.scaling import describe_cell, varies_search
 
     return describe_cell(c, varies_search(rows))
 
@@ -37,7 +37,6 @@ def _write(path: str, write) -> None:
 
 
 def write_results(out: str, study: dict, cells: list[dict], result: dict) -> list[str]:
-    from kbitcli.bench.scaling import frontier
 
     on_front = {id(c) for name in {c["model"] for c in cells} for c in frontier([x for x in cells if x["model"] == name])}
     rows = [{**c, "on_frontier": id(c) in on_front} for c in cells]
@@ -143,7 +142,6 @@ def _figure(out, stem, title, rows, select, line_key) -> str:
 
 
 def _frontier_figure(out, rows) -> str:
-    from kbitcli.bench.scaling import frontier
 
     fig, panels = _panels(rows)
     for model, ax in panels:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from kbitcli import __version__
+from kbitcli.commands import (bench_error, bench_ppl, bench_scaling, bench_speed, decode, encode, finetune, generate,
+                              inspect)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn checkpoints into k-bit ones (k = 2..8), run, finetune, decode and measure them.")
@@ -21,12 +23,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-def _register():
-    # each module registers its command on `app`
-    from kbitcli.commands import bench, decode, encode, finetune, generate, inspect  # noqa: F401
-
-
-_register()
+# one module per command, each a plain function: registered here, so no command module imports this one
+app.command("encode")(encode.encode_cmd)
+app.command("decode")(decode.decode_cmd)
+app.command("inspect")(inspect.inspect_cmd)
+app.command("generate")(generate.generate_cmd)
+app.command("finetune")(finetune.finetune_cmd)
+bench_app = typer.Typer(no_args_is_help=True, help="Measure what each bit buys: error, perplexity, scaling, speed.")
+bench_app.command("error")(bench_error.bench_error_cmd)
+bench_app.command("ppl")(bench_ppl.bench_ppl_cmd)
+bench_app.command("scaling")(bench_scaling.bench_scaling_cmd)
+bench_app.command("speed")(bench_speed.bench_speed_cmd)
+app.add_typer(bench_app, name="bench")
 
 
 def main():

@@ -10,7 +10,6 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.bench import bench_app
 from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
                                      RecipeOpt, RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
                                      recipe_from_options)
@@ -69,7 +68,6 @@ def write_out(r: dict, out: str, force: bool) -> list[str]:
     return ["error.json", "error_configs.csv", "error_tensors.csv"]
 
 
-@bench_app.command("error")
 def bench_error_cmd(
     src: str = typer.Argument(..., help="Checkpoint: dense file or folder (or a k-bit one: its decoded weights are re-quantized)."),
     grid: Optional[List[str]] = typer.Option(None, "--grid", help="e.g. 'bits=2..8 block=32,64,128 dtype=nf,fp,int,quantile,dynamic' (keys not given come from the recipe)."),

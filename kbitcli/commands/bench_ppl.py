@@ -7,7 +7,6 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.bench import bench_app
 from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
                                      DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
                                      RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
@@ -59,7 +58,6 @@ def _bits(q: dict) -> str:
     return "-" if q.get("bits_per_param") is None else f"{q['bits_per_param']:.3f} ({q['bits_per_param_model']:.2f} model)"
 
 
-@bench_app.command("ppl")
 def bench_ppl_cmd(
     model: str = typer.Argument(..., help="Dense Hugging Face model folder (encoded with the options below), or a kbit checkpoint folder."),
     text: str = typer.Option(..., "--text", help="UTF-8 text file to evaluate on."),

@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.bench import bench_app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, run
 
 
@@ -24,7 +23,6 @@ def show(r: dict, con) -> None:
     con.print(f"wrote to {r['out']}: " + ", ".join(r["files"]))
 
 
-@bench_app.command("scaling")
 def bench_scaling_cmd(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Study YAML: models, text, grid (see recipes/study-tiny.yaml)."),
     out: Optional[str] = typer.Option(None, "--out", help="Folder for cells.jsonl, results.csv/json, report.md, plots/ (default: scaling-<study name>)."),

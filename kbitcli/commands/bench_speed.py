@@ -9,7 +9,6 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.bench import bench_app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, run
 from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
                                      RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt, removed_dtype_option,
@@ -61,7 +60,6 @@ def write_out(r: dict, out: str, force: bool) -> None:
             json.dump(r, fh, indent=2)
 
 
-@bench_app.command("speed")
 def bench_speed_cmd(
     model: str = typer.Argument(..., help="Dense Hugging Face model folder (encoded with the options below), or a kbit checkpoint folder."),
     batch: int = typer.Option(1, "--batch", help="Sequences per forward."),

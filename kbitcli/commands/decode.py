@@ -6,13 +6,11 @@ from typing import Optional
 
 import typer
 
-from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
 from kbitcli.commands.options import RemovedDtypeOpt, check_torch_dtype, torch_dtype_option
 from kbitcli.decode import decode
 
 
-@app.command("decode")
 def decode_cmd(
     src: str = typer.Argument(..., help="k-bit checkpoint (file or folder)."),
     dst: str = typer.Argument(..., help="Dense output (file for a file, folder for a folder)."),

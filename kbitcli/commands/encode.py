@@ -7,7 +7,6 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
 from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
                                      DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
@@ -48,7 +47,6 @@ def show_plan(result: dict, con, limit: int | None = None) -> None:
         con.print(f"[yellow]note:[/yellow] {note}")
 
 
-@app.command("encode")
 def encode_cmd(
     src: str = typer.Argument(..., help="Dense checkpoint: .safetensors/.bin file or Hugging Face model folder."),
     dst: str = typer.Argument(..., help="Output: a folder for a folder SRC, a file for a file SRC."),

@@ -6,7 +6,6 @@ from typing import List, Optional
 
 import typer
 
-from kbitcli.commands.app import app
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, progress_for, run
 from kbitcli.commands.options import RemovedDtypeOpt, check_torch_dtype, torch_dtype_option
 from kbitcli.finetune import finetune, load_config, with_flags
@@ -27,7 +26,6 @@ def show(r: dict, con) -> None:
     con.print(f"adapter (PEFT format), train_log.jsonl, loss.png -> {r['out']}; peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
-@app.command("finetune")
 def finetune_cmd(
     model: str = typer.Argument(..., help="k-bit checkpoint folder (from `kbit encode`)."),
     out: str = typer.Argument(..., help="Run folder: adapter (PEFT format), log, loss curve, checkpoints, merges."),

@@ -8,7 +8,6 @@ from typing import Optional
 
 import typer
 
-from kbitcli.commands.app import app
 from kbitcli.commands.common import JsonOpt, QuietOpt, run
 from kbitcli.commands.options import RemovedDtypeOpt, check_torch_dtype, torch_dtype_option
 from kbitcli.errors import bad_input
@@ -26,7 +25,6 @@ def show(result: dict, con) -> None:
         sys.stdout.write(result["text"] + "\n")
 
 
-@app.command("generate")
 def generate_cmd(
     model: str = typer.Argument(..., help="Model folder: dense Hugging Face or kbit checkpoint."),
     prompt: str = typer.Option("Once upon a time", "--prompt", "-p", help="Text to continue."),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from kbitcli.commands.app import app
 from kbitcli.commands.common import JsonOpt, QuietOpt, human_bytes, run
 from kbitcli.inspect import inspect
 
@@ -34,7 +33,6 @@ def show(r: dict, con) -> None:
                   f"{r['default_targets']} would be quantized by default")
 
 
-@app.command("inspect")
 def inspect_cmd(
     path: str = typer.Argument(..., help="A kbit checkpoint, or a dense one (lists its tensors)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file against the manifest (exit 1 on mismatch)."),

@@ -94,11 +94,11 @@ def open_reader(path: str) -> Reader:
 
         return KbitCheckpoint(path)
     if fmt == "bnb":
-        from kbitcli.formats.bnb import BnbCheckpoint
+        from kbitcli.formats.bnb_reader import BnbCheckpoint
 
         return BnbCheckpoint(path)
     if fmt == "compressed-tensors":
-        from kbitcli.formats.compressed_tensors import CtCheckpoint
+        from kbitcli.formats.compressed_tensors_reader import CtCheckpoint
 
         return CtCheckpoint(path)
     if fmt == "gguf":

@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import time
 
+from kbitcli.errors import bad_input
 from kbitcli.formats.registry import open_reader
 from kbitcli.io.atomic import check_destination, check_not_overlapping
 from kbitcli.io.dtypes import parse_float
 from kbitcli.io.writer import FolderWriter, PlannedTensor, shard_names
 from kbitcli.parallel import default_workers, ordered_map, single_threaded_torch
 from kbitcli.plan import assign_shards, parse_size
-from kbitcli.errors import bad_input
 from kbitcli.progress import NullProgress
 
 

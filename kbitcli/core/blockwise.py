@@ -26,13 +26,14 @@ from kbitcli.core.nearest import NearestCodes
 from kbitcli.core.pack import pack_into, packed_nbytes, unpack_u8
 from kbitcli.core.scale_search import search_scales
 from kbitcli.errors import bad_input
+from kbitcli.io.dtypes import from_name
 
 # Values per chunk: bounds peak memory whatever the tensor size. 2^18 keeps a chunk's working set (about
 # 14 bytes per value across the reused buffers) within the L2 caches of two cores; measured: larger chunks
 # are slower, and much smaller ones pay Python overhead per chunk.
 CHUNK = 1 << 18
 DQ_BLOCK = 256  # double quantization: blocks of 256 scales, 8-bit dynamic codes (bitsandbytes' choice)
-SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SCALE_DTYPES = {name: from_name(name) for name in ("fp16", "bf16", "fp32")}  # what a block scale is stored in
 
 
 @dataclass(frozen=True)

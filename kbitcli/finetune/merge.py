@@ -22,13 +22,13 @@ import tempfile
 import torch
 
 from kbitcli.errors import bad_input
+from kbitcli.finetune.peft_io import WEIGHTS, read_adapter, scaling_of
 from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.io import manifest as manifests
 from kbitcli.io.dtypes import parse_float
 from kbitcli.io.manifest import MANIFEST, sha256_file
 from kbitcli.io.writer import FolderWriter, PlannedTensor, shard_names
 from kbitcli.plan import assign_shards, parse_size
-from kbitcli.finetune.peft_io import WEIGHTS, read_adapter, scaling_of
 from kbitcli.recipes import Override, Recipe
 
 

@@ -25,7 +25,6 @@ import time
 
 import torch
 
-from kbitcli.io.dtypes import parse_float
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.finetune import checkpoint, curve, peft_io, train
 from kbitcli.finetune.atomic import write_json
@@ -35,6 +34,7 @@ from kbitcli.finetune.lora import attach_lora, select_targets
 from kbitcli.finetune.progress import NullTrainProgress
 from kbitcli.formats.registry import detect
 from kbitcli.io.atomic import check_not_overlapping, remove_stale
+from kbitcli.io.dtypes import parse_float
 from kbitcli.io.manifest import sha256_file
 
 RUN_FILE = "finetune_run.json"

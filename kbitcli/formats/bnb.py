@@ -25,7 +25,6 @@ import math
 
 import torch
 
-from kbitcli.io.spill import spill_for
 from kbitcli.core import codebooks
 from kbitcli.core.blockwise import (DQ_BLOCK, QuantizedTensor, Spec, block_absmax, dequantize, dequantize_scales,
                                     nearest, quantize, quantize_scales)
@@ -34,6 +33,7 @@ from kbitcli.core.scale_search import search_scales
 from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse, require_folder,
                                            result_dict, source_dtype_name, who, write_hf_folder)
 from kbitcli.hf import linear_modules, module_of
+from kbitcli.io.spill import spill_for
 
 # scale_search unset: plain absmax data-free (plan.auto_search), so the default export is bitsandbytes' own
 # quantize_4bit byte for byte; with --calib, importance-weighted candidates as the native format has them

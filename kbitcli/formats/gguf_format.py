@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from kbitcli import __version__
-from kbitcli.io.spill import spill_for
 from kbitcli.errors import bad_input
 from kbitcli.formats import gguf_grid
 from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse,
                                            require_folder, result_dict, who)
 from kbitcli.io import manifest as manifests
 from kbitcli.io.atomic import AtomicOutput
+from kbitcli.io.dtypes import safetensors_name
+from kbitcli.io.spill import spill_for
 
 # scale_search unset: 1 data-free (llama.cpp's rounding), 8 importance-weighted with --calib (plan.auto_search)
 DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int"}
@@ -158,7 +159,7 @@ def permute(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch
 def dense_type(t) -> str:
     if len(t.shape) == 1 or t.dtype == torch.float32:
         return "F32"  # llama.cpp wants norms in F32
-    return {torch.float16: "F16", torch.bfloat16: "BF16"}.get(t.dtype, "F32")
+    return safetensors_name(t.dtype) if t.dtype in (torch.float16, torch.bfloat16) else "F32"  # GGUF's names
 
 
 def type_bytes(qtype: str, shape) -> int:

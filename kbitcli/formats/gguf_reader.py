@@ -17,8 +17,9 @@ import torch
 
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.formats.gguf_format import ARCHS, gguf
+from kbitcli.io.dtypes import from_safetensors
 
-DENSE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DENSE = ("F32", "F16", "BF16")  # GGUF's dense types, named as safetensors names them (io/dtypes.py)
 # the llama.* metadata config.json is rebuilt from: key -> required (convert_hf_to_gguf.py writes every one of these)
 COUNTS = {"llama.block_count": True, "llama.embedding_length": True, "llama.feed_forward_length": True,
           "llama.attention.head_count": True, "llama.attention.head_count_kv": False, "llama.context_length": False,
@@ -162,7 +163,7 @@ class GgufCheckpoint:
         return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))  # ggml ne0 first -> torch order
 
     def orig_dtype(self, name: str) -> torch.dtype:
-        return DENSE.get(self.tensors[name].tensor_type.name, torch.float32)
+        return from_safetensors(self.tensors[name].tensor_type.name) if self.tensors[name].tensor_type.name in DENSE else torch.float32
 
     def dense(self, name: str) -> torch.Tensor:
         return self.tensor(name)

@@ -10,6 +10,7 @@ from kbitcli.errors import bad_input
 from kbitcli.formats.registry import detect, refuse_quantized_keys, writer
 from kbitcli.formats.source import Source, open_source
 from kbitcli.io.atomic import check_destination
+from kbitcli.io.folder import weight_files
 from kbitcli.plan import Plan, make_plan, parse_size
 from kbitcli.progress import NullProgress
 from kbitcli.recipes import Recipe
@@ -101,6 +102,11 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
                         progress=progress, max_shard_bytes=limit, **options)
     if dry_run:
         check_values(src, plan, progress)
+    else:  # what `kbit inspect` counts: the weight files as written (headers, metadata, shared tables included)
+        files = [dst] if os.path.isfile(dst) else weight_files(dst, pickles=False)
+        result["bytes_out"] = sum(os.path.getsize(f) for f in files)
+    if result.get("params"):
+        result["bits_per_param_model"] = round(result["bytes_out"] * 8 / result["params"], 4)
     result["seconds"] = round(time.time() - t0, 3)
     return result
 

@@ -12,6 +12,11 @@ from kbitcli.paths import STORIES260K, TINYSTORIES_TEXT
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "assets"))
 
+# No progress display unless a test asks for one (tests/test_user_output.py): in a non-terminal run kbit prints
+# progress lines once a stage passes 2 s, so on a busy machine a slow stage would add lines before the one error
+# line the bad-input tests check for. The rest of the suite sees what it would see on any machine.
+os.environ["KBIT_PROGRESS"] = "0"
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():

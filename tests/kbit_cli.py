@@ -3,6 +3,7 @@ console script: honest exit codes, stdout/stderr separation, signals), and the c
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,13 +46,22 @@ def leftovers(parent: str) -> list[str]:
     return [f for f in os.listdir(parent) if ".kbit-tmp" in f or ".kbit-old" in f]
 
 
+def assert_json_error(stdout: str, line: str, code: int) -> None:
+    """stdout after a failure: empty, or one JSON object {"error", "exit_code", "file"} (a --json run)."""
+    if stdout == "":
+        return
+    obj = json.loads(stdout)
+    assert stdout.count("\n") == 1 and obj["exit_code"] == code and obj["error"] == line.removeprefix("kbit: error: ")
+
+
 def assert_bad_input(r: Result, *mentions: str, dst: str | None = None, code: int = 2) -> None:
-    """Exit 2, nothing on stdout, exactly one line on stderr naming what is wrong, no traceback, no output."""
+    """Exit 2, exactly one line on stderr naming what is wrong, no traceback, no output; stdout empty, or (with
+    --json) the one JSON error object that says the same."""
     assert r.code == code, f"exit {r.code}, stderr: {r.stderr!r}"
-    assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got: {r.stderr!r}"
     assert lines[0].startswith("kbit: error: ") and "Traceback" not in r.stderr
+    assert_json_error(r.stdout, lines[0], code)
     for m in mentions:
         assert m in lines[0], f"{m!r} not in {lines[0]!r}"
     if dst is not None:

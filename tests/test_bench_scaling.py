@@ -183,3 +183,33 @@ def test_empty_text_and_missing_study(tmp_path, stories_dir):
     assert r.exit_code == 2 and "empty" in r.output
     r = kbit("bench", "scaling", "--recipe", tmp_path / "missing.yaml", "--out", tmp_path / "out")
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_study_figures_zoom_on_quantized_cells_with_labelled_frontier(study_run):
+    """The real study's rows (results.json): each frontier panel ends well before the dense model's bits, names the
+    dense reference, labels every quantized frontier cell, and no two labels overlap."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from kbitcli.bench.plots import frontier_figure
+
+    _, _, out, _ = study_run
+    rows = json.load(open(out / "results.json"))["rows"]
+    fig = frontier_figure(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    try:
+        for model in ("stories260K", "MiniLM"):
+            (ax,) = [a for a in fig.axes if a.get_title() == model]
+            mine = [r for r in rows if r["model"] == model]
+            dense = next(r for r in mine if r["dtype"] == "dense")
+            quantized = [r for r in mine if r["dtype"] != "dense"]
+            assert max(r["total_bits"] for r in quantized) <= ax.get_xlim()[1] < dense["total_bits"]
+            assert [t.get_gid() for t in ax.texts].count("dense") == 1
+            labels = [Text.get_window_extent(t, renderer) for t in ax.texts if t.get_gid() in ("frontier-label", "dense")]
+            assert len(labels) == len(frontier(quantized)) + 1
+            assert not any(a.overlaps(b) for a, b in itertools.combinations(labels, 2))
+    finally:
+        plt.close(fig)

@@ -40,7 +40,7 @@ def test_json_is_one_object_on_stdout(stories_dir, tmp_path):
 def test_quiet_is_silent_and_default_prints_the_summary(stories_dir, tmp_path):
     r = cli("encode", stories_dir, tmp_path / "a", "--quiet")
     assert (r.code, r.stdout, r.stderr) == (0, "", "")
-    r = cli("encode", stories_dir, tmp_path / "b", env={"COLUMNS": "200"})
+    r = cli("encode", stories_dir, tmp_path / "b", "--verbose", env={"COLUMNS": "200"})
     assert r.code == 0 and r.stdout == ""
     assert "35/47 tensors quantized" in r.stderr and "model.layers.4.mlp.down_proj.weight" in r.stderr
 
@@ -71,8 +71,8 @@ def test_dry_run_writes_nothing_and_predicts_the_bytes(stories_dir, tmp_path, ar
         assert done["shards"] > 1 and os.path.exists(os.path.join(dst, "model.safetensors.index.json"))
 
 
-def test_dry_run_prints_the_full_plan(stories_dir, tmp_path):
-    r = cli("encode", stories_dir, tmp_path / "q", "--dry-run", env={"COLUMNS": "200"})
+def test_dry_run_verbose_prints_the_full_plan(stories_dir, tmp_path):
+    r = cli("encode", stories_dir, tmp_path / "q", "--dry-run", "--verbose", env={"COLUMNS": "200"})
     assert r.code == 0 and r.stdout == "" and not os.path.exists(tmp_path / "q")
     with safe_open(os.path.join(stories_dir, "model.safetensors"), "pt") as f:
         for name in f.keys():

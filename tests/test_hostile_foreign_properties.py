@@ -115,3 +115,18 @@ def test_mutated_compressed_tensors_scheme_decodes_the_same_or_is_refused(origin
     with open(cfg_path, "w") as fh:
         json.dump(cfg, fh)
     event(decode_outcome(os.path.join(tmp, "ck"), reference, tmp))
+
+
+def test_a_group_larger_than_the_row_is_one_group_not_a_huge_allocation(originals, tmp_path):
+    """Found by the property above: group_size 55,804,481 made the reader repeat each scale that many times
+    (a 38 GB allocation, an internal error). A group larger than the row is one group per row."""
+    src, reference = originals["ct"]
+    tmp = fresh(src, tmp_path)
+    cfg_path = os.path.join(tmp, "ck", "config.json")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    for group in cfg["quantization_config"]["config_groups"].values():
+        group["weights"]["group_size"] = 55804481
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh)
+    assert decode_outcome(os.path.join(tmp, "ck"), reference, tmp) in ("same", "refused")

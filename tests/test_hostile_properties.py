@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import reference_decoder as ref
-from kbit_cli import cli
+from kbit_cli import assert_json_error, cli
 
 PROPERTY = settings(deadline=None, derandomize=True, database=None, print_blob=False,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -183,10 +183,10 @@ def mutate(blob: bytes, ops) -> bytes:
 def assert_one_line(r, codes=(1, 2)) -> None:
     """Exit 1 or 2, one line `kbit: error: ...` on stderr (not "internal error"), nothing on stdout, no traceback."""
     assert r.code in codes, f"exit {r.code}, stderr: {r.stderr!r}"
-    assert r.stdout == "", r.stdout
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got: {r.stderr!r}"
     assert lines[0].startswith("kbit: error: "), lines[0]
+    assert_json_error(r.stdout, lines[0], r.code)  # --json runs: the one JSON error object, nothing else
     assert "Traceback" not in r.stderr and len(lines[0]) <= 2100
 
 

@@ -8,7 +8,7 @@ from kbitcli import __version__
 from kbitcli.commands import (bench_error, bench_ppl, bench_scaling, bench_speed, decode, encode, finetune, generate,
                               inspect)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn checkpoints into k-bit ones (k = 2..8), run, finetune, decode and measure them.")
 
 

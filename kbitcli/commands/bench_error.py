@@ -10,10 +10,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                     RecipeOpt, RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+from kbitcli.commands.options import (BenchForceOpt, BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt,
+                                     OverrideOpt, RecipeOpt, RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
                                      recipe_from_options)
-from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, run
+from kbitcli.commands.common import JsonOpt, QuietOpt, progress_for, run
 
 CONFIG_COLUMNS = ("bits", "block_size", "dtype", "double_quant", "scale_dtype", "scale_search", "bits_per_param", "bits_per_param_model",
                   "sqnr_db", "mse", "quantized_tensors", "quantized_params", "params")
@@ -77,11 +77,10 @@ def bench_error_cmd(
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
-    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
+    force: bool = BenchForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
 ):
     """Quantization error (SQNR, MSE) and bits per parameter, per tensor and for the whole model; no data needed."""
     from kbitcli.bench.error import bench_error, parse_grid
-    from kbitcli.commands.bench_ppl import step_progress
     from kbitcli.io.atomic import check_destination
 
     def work(con):
@@ -90,7 +89,7 @@ def bench_error_cmd(
             check_destination(out, force)
         r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
                                 override, scale_search)
-        result = bench_error(src, r, g, progress=step_progress(quiet, con))
+        result = bench_error(src, r, g, progress=progress_for(quiet, con, steps=True))
         if out is not None:
             result["files"] = write_out(result, out, force)
             result["out"] = out

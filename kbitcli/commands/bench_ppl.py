@@ -11,15 +11,7 @@ from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibO
                                      DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
                                      RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
                                      calibration_from_options, recipe_from_options)
-from kbitcli.commands.common import JsonOpt, QuietOpt, run
-
-
-def step_progress(quiet: bool, con):
-    import os
-
-    from kbitcli.progress import NullProgress, StepProgress
-
-    return NullProgress() if quiet or not con.is_terminal and os.environ.get("KBIT_PROGRESS") != "1" else StepProgress(con)
+from kbitcli.commands.common import JsonOpt, QuietOpt, progress_for, run
 
 
 def show(r: dict, con) -> None:
@@ -85,7 +77,7 @@ def bench_ppl_cmd(
                                 override, scale_search, method)
         c = calibration_from_options(calib, calib_tokens, seed, damp, act_order)
         return bench_ppl(model, text, r, context=context, stride=stride, split_on=split_on, max_tokens=max_tokens,
-                         max_lines=max_lines, simulate=simulate, progress=step_progress(quiet, con), baseline=baseline,
+                         max_lines=max_lines, simulate=simulate, progress=progress_for(quiet, con, steps=True), baseline=baseline,
                          calib=c)
 
     run(work, as_json=as_json, quiet=quiet, show=show)

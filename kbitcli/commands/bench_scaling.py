@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, run
+from kbitcli.commands.common import JsonOpt, QuietOpt, progress_for, run
 
 
 def show(r: dict, con) -> None:
@@ -27,14 +27,14 @@ def bench_scaling_cmd(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Study YAML: models, text, grid (see recipes/study-tiny.yaml)."),
     out: Optional[str] = typer.Option(None, "--out", help="Folder for cells.jsonl, results.csv/json, report.md, plots/ (default: scaling-<study name>)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the finished cells in --out (same text and options)."),
-    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    force: bool = typer.Option(False, "--force", help="--out: start the study over (its finished cells are discarded), or write into a folder that is not a study."),
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
     """Metric vs total model bits over a grid of k x block size x data type, for several models; plots and verdict."""
     from kbitcli.bench.scaling import load_study, run_study
-    from kbitcli.commands.bench_ppl import step_progress
 
     def work(con):
         dst = out or f"scaling-{load_study(recipe)['name']}"
-        return run_study(recipe, dst, resume=resume, force=force, progress=step_progress(quiet, con))
+        return run_study(recipe, dst, resume=resume, force=force, progress=progress_for(quiet, con, steps=True))
 
     run(work, as_json=as_json, quiet=quiet, show=show)

@@ -9,17 +9,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, run
-from kbitcli.commands.options import (BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt, OverrideOpt,
-                                     RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt, removed_dtype_option,
+from kbitcli.commands.common import JsonOpt, QuietOpt, human_bytes, progress_for, run
+from kbitcli.commands.options import (BenchForceOpt, BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt,
+                                     OverrideOpt, RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt, removed_dtype_option,
                                      recipe_from_options)
-
-
-def step_progress(quiet: bool, con):
-    from kbitcli.progress import NullProgress, StepProgress
-
-    shown = not quiet and (con.is_terminal or os.environ.get("KBIT_PROGRESS") == "1")
-    return StepProgress(con) if shown else NullProgress()
 
 
 def _ratio(x) -> str:
@@ -75,7 +68,7 @@ def bench_speed_cmd(
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     out: Optional[str] = typer.Option(None, "--out", help="Folder to write speed.json into."),
-    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
+    force: bool = BenchForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt,
     _dtype: Optional[str] = removed_dtype_option(
         "--dtype is ambiguous and was removed: use --data-type (the codebook: int|fp|nf|quantile|dynamic) "
         "or --compute-dtype (fp32|fp16|bf16)"),
@@ -91,7 +84,7 @@ def bench_speed_cmd(
         r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
                                 override, scale_search)
         result = bench_speed(model, r, batch=batch, seq=seq, runs=runs, warmup=warmup, dtype=compute_dtype,
-                             threads=threads, rss=rss, progress=step_progress(quiet, con))
+                             threads=threads, rss=rss, progress=progress_for(quiet, con, steps=True))
         if out is not None:
             result["out"] = out
             write_out(result, out, force)

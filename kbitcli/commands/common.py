@@ -1,7 +1,9 @@
 """What every command shares: stderr console, --json / --quiet, and turning errors into exit codes.
 
-stdout carries only the `--json` object, so `kbit ... --json | jq` always works; everything for people
-(progress bars, tables, messages) goes to stderr, and `--quiet` silences it.
+stdout carries only the `--json` object, so `kbit ... --json | jq` always works (a failed `--json` run prints
+one `{"error": ..., "exit_code": ..., "file": ...}` object there); everything for people (progress, tables,
+messages) goes to stderr, and `--quiet` silences it. Progress is a rich bar on a terminal and plain lines on a
+log or pipe; KBIT_PROGRESS=1 forces the bar, KBIT_PROGRESS=0 turns progress off.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import typer
 from rich.console import Console
 
 from kbitcli.errors import KbitError, Terminated
-from kbitcli.progress import NullProgress, RichProgress
+from kbitcli.progress import LineProgress, NullProgress, RichProgress, StepProgress, stop_all
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout (and nothing else there).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress, tables or messages on stderr.")
@@ -25,36 +27,79 @@ def console(quiet: bool) -> Console:
     return Console(stderr=True, quiet=quiet)
 
 
-def progress_for(quiet: bool, con: Console):
-    return NullProgress() if quiet or not con.is_terminal and os.environ.get("KBIT_PROGRESS") != "1" else RichProgress(con)
+def progress_for(quiet: bool, con: Console, *, steps: bool = False):
+    """The progress display for a command: none with --quiet or KBIT_PROGRESS=0; a rich bar on a terminal (or
+    with KBIT_PROGRESS=1); otherwise plain lines on stderr, for CI logs and pipes. steps=True: a bar counting
+    steps (batches, cells) rather than bytes and tensors."""
+    setting = os.environ.get("KBIT_PROGRESS", "").strip()
+    if quiet or setting == "0":
+        return NullProgress()
+    if setting == "1" or con.is_terminal:
+        return StepProgress(con) if steps else RichProgress(con)
+    return LineProgress(con)
 
 
 def run(fn, *, as_json: bool, quiet: bool, show=None):
-    """Call fn() -> dict; print it as JSON or hand it to show(result, console); map errors to exit codes."""
+    """Call fn() -> dict; print it as JSON or hand it to show(result, console); map errors to exit codes.
+    A failure prints one line on stderr and, with --json, one {"error", "exit_code", "file"} object on stdout."""
     con = console(quiet)
     try:
-        result = fn(con)
+        try:
+            result = fn(con)
+        except BaseException:
+            stop_all(failed=True)  # a stage the error left open: no bar or heartbeat under the error line
+            raise
     except KbitError as e:
-        print(f"kbit: error: {one_line(str(e))}", file=sys.stderr)
-        raise typer.Exit(e.exit_code)
+        fail(f"kbit: error: {one_line(str(e))}", e.exit_code, as_json)
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"kbit: {what}; nothing was written", file=sys.stderr)
-        raise typer.Exit(1)
+        fail(f"kbit: {what}; nothing was written", 1, as_json)
     except MemoryError:
-        print("kbit: error: out of memory; try a smaller --max-shard-size or close other programs", file=sys.stderr)
-        raise typer.Exit(1)
+        fail("kbit: error: out of memory; try a smaller --max-shard-size or close other programs", 1, as_json)
     except Exception as e:  # a bug of ours: one line, with the way to see the traceback
         if os.environ.get("KBIT_DEBUG"):
             raise
-        print(f"kbit: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(set KBIT_DEBUG=1 for the traceback and report it)", file=sys.stderr)
-        raise typer.Exit(1)
+        fail(one_line(f"kbit: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                      "(set KBIT_DEBUG=1 for the traceback and report it)"), 1, as_json)
+    stop_all()
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     elif show is not None:
         show(result, con)
     return result
+
+
+def fail(line: str, code: int, as_json: bool):
+    """Print the error line on stderr (and, with --json, its JSON object on stdout), then exit with code."""
+    print(line, file=sys.stderr)
+    if as_json:
+        message = line.removeprefix("kbit: error: ") if line.startswith("kbit: error: ") else line.removeprefix("kbit: ")
+        sys.stdout.write(json.dumps({"error": message, "exit_code": code, "file": file_named(message)}) + "\n")
+        sys.stdout.flush()
+    raise typer.Exit(code)
+
+
+FILE_SUFFIXES = (".safetensors", ".json", ".jsonl", ".yaml", ".yml", ".txt", ".gguf", ".bin", ".pt", ".pth", ".csv")
+
+
+def file_named(message: str) -> str | None:
+    """The path an error message starts with (`PATH: what is wrong`, `PATH:LINE: ...`), or None when it starts
+    with something else (an option, a tensor, a type name)."""
+    head, sep, _ = message.partition(": ")
+    if not sep or not head or len(head) > 4096 or head.startswith("-"):
+        return None
+    parts = head.rsplit(":", 1)
+    if len(parts) == 2 and parts[1].isdigit():  # a line number: file.jsonl:12
+        head = parts[0]
+    try:
+        if os.path.lexists(head):
+            return head
+    except (ValueError, OSError):
+        return None
+    if any(c.isspace() for c in head) or any(c in head for c in "'\"()[]{}"):
+        return None
+    # not on disk (a missing input, a Hub id): a path by its look; `model.layers.0.weight` is a tensor, not a file
+    return head if ("/" in head or os.sep in head or head.lower().endswith(FILE_SUFFIXES)) else None
 
 
 def one_line(message: str, limit: int = 2000) -> str:

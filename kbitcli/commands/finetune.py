@@ -6,10 +6,13 @@ from typing import List, Optional
 
 import typer
 
-from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, progress_for, run
+from kbitcli.commands.common import JsonOpt, QuietOpt, progress_for, run
 from kbitcli.commands.options import RemovedDtypeOpt, check_torch_dtype, torch_dtype_option
-from kbitcli.finetune import finetune, load_config, with_flags
+from kbitcli.finetune import TrainConfig, finetune, load_config, with_flags
 from kbitcli.progress import NullProgress
+
+# the settings used without --recipe, read from TrainConfig so the help cannot drift from what runs
+D = TrainConfig()
 
 
 def show(r: dict, con) -> None:
@@ -31,27 +34,28 @@ def finetune_cmd(
     out: str = typer.Argument(..., help="Run folder: adapter (PEFT format), log, loss curve, checkpoints, merges."),
     data: str = typer.Option(..., "--data", help="Training text: plain .txt, or .jsonl with a 'text' field."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text: eval loss before, during, after."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML finetune recipe (recipes/finetune-lora.yaml)."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scaling alpha/r)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW, constant after warmup)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Blocks per step."),
-    context: Optional[int] = typer.Option(None, "--context", help="Tokens per block."),
-    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Modules to adapt: glob or 're:' regex (repeatable); default: every k-bit linear."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout on the adapter input."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for A's init, data order and dropout."),
-    warmup: Optional[float] = typer.Option(None, "--warmup", help="Warmup: fraction of steps (< 1) or steps (>= 1)."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max global grad norm (0: off)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between evals (0: before/after only)."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between resume checkpoints."),
-    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Scaling alpha/sqrt(r) instead of alpha/r."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="YAML finetune recipe (recipes/finetune-lora.yaml); flags override its keys. Without one the defaults below apply."),
+    rank: Optional[int] = typer.Option(None, "--rank", help=f"LoRA rank r (default: {D.rank})."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help=f"LoRA alpha, scaling alpha/r (default: {D.alpha:g})."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Learning rate, AdamW, constant after warmup (default: {D.lr:g})."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"Optimizer steps (default: {D.steps})."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Blocks per step (default: {D.batch_size})."),
+    context: Optional[int] = typer.Option(None, "--context", help=f"Tokens per block (default: {D.context})."),
+    targets: Optional[List[str]] = typer.Option(None, "--targets", help="Modules to adapt: glob or 're:' regex (repeatable) (default: every k-bit linear)."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help=f"Dropout on the adapter input (default: {D.dropout:g})."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed for A's init, data order and dropout (default: {D.seed})."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help=f"Warmup: fraction of steps (< 1) or steps (>= 1) (default: {D.warmup:g})."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help=f"Max global grad norm, 0: off (default: {D.grad_clip:g})."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=f"AdamW weight decay (default: {D.weight_decay:g})."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help=f"Steps between evals, 0: before/after only (default: {D.eval_every})."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help=f"Steps between resume checkpoints, 0: only at the end and on Ctrl-C (default: {D.save_every})."),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help=f"Scaling alpha/sqrt(r) instead of alpha/r (default: {'on' if D.rslora else 'off'})."),
     merge: Optional[str] = typer.Option(None, "--merge", help="Also write OUT/merged-kbit (re-encoded with the base's plan) or OUT/merged-dense."),
     merge_dtype: Optional[str] = typer.Option(None, "--merge-dtype", help="dtype of --merge dense: fp32 | bf16 | fp16 (default: original)."),
     torch_dtype: str = torch_dtype_option("fp32", "the non-adapter parts compute in: fp32 | bf16."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT's run from its last checkpoint."),
-    force: bool = ForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (start the run over)."),
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
 ):
     """Train a LoRA adapter on the frozen k-bit model, then optionally merge it (k-bit or dense)."""
 

@@ -6,14 +6,15 @@ import typer
 from rich.table import Table
 
 from kbitcli.commands.common import JsonOpt, QuietOpt, human_bytes, run
+from kbitcli.commands.tables import natural_sorted, print_table
 from kbitcli.inspect import inspect
 
 
 def show(r: dict, con) -> None:
     t = Table(title=f"{r['path']} ({r['format']})", title_justify="left")
     for col in ("tensor", "shape", "k", "block", "type", "bits/param", "bytes"):
-        t.add_column(col, overflow="fold" if col == "tensor" else "ellipsis")  # full names, wrapped
-    for p in r["plan"]:
+        t.add_column(col, overflow="fold" if col == "tensor" else "ellipsis")  # full names: folded on a narrow terminal
+    for p in natural_sorted(r["plan"]):  # layers.2 before layers.10
         if p["quantized"]:
             t.add_row(p["name"], "x".join(map(str, p["shape"])), str(p["bits"]), str(p["block_size"]),
                       p["data_type"] + ("+dq" if p["double_quant"] else ""), f"{p['bits_per_param']:.3f}", human_bytes(p["bytes"]))
@@ -21,7 +22,7 @@ def show(r: dict, con) -> None:
             mark = " (default target)" if p.get("default_target") else ""
             t.add_row(p["name"], "x".join(map(str, p["shape"])), "-", "-", p["dtype"] + mark, str(p["bits_per_param"]),
                       human_bytes(p["bytes"]))
-    con.print(t)
+    print_table(con, t)  # in a log: one row per line, however long the names
     if r["format"] != "dense":
         con.print(f"{r['quantized_tensors']}/{r['tensors']} tensors quantized; bits/param "
                   f"{r['bits_per_param_quantized']} (quantized), {r['bits_per_param_model']} (whole model); "

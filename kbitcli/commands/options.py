@@ -11,27 +11,56 @@ hidden option (`RemovedDtypeOpt`) on every command that had it, and only says wh
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import typer
 
-from kbitcli.recipes import Recipe, load_recipe, with_flags
+from kbitcli.calibration.data import Calibration
+from kbitcli.core.blockwise import SCALE_DTYPES
+from kbitcli.core.codebooks import DTYPES, MAX_BITS, MIN_BITS
+from kbitcli.plan import CALIBRATED_SEARCH, DATA_FREE_SEARCH
+from kbitcli.recipes import MAX_BLOCK, MIN_BLOCK, Recipe, load_recipe, with_flags
 
-RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/).")
-BitsOpt = typer.Option(None, "--bits", "-k", help="k: bits per weight, 2..8.")
-BlockSizeOpt = typer.Option(None, "--block-size", "-b", help="Power of two 16..4096, 'row' or 'tensor'.")
+# The defaults a command uses without --recipe, read from the code that applies them (Recipe(), plan.auto_search,
+# Calibration()), so the help cannot drift from what runs.
+DEFAULTS = Recipe()
+_CALIB = {f.name: f.default for f in fields(Calibration)}
+DEFAULT_TOKENS, DEFAULT_DAMP, DEFAULT_ACT_ORDER = _CALIB["tokens"], _CALIB["damp"], _CALIB["act_order"]
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe (see recipes/); flags override its keys. "
+                         "Without one the defaults below apply.")
+BitsOpt = typer.Option(None, "--bits", "-k", help=f"k: bits per weight, {MIN_BITS}..{MAX_BITS} (default: {DEFAULTS.bits}).")
+BlockSizeOpt = typer.Option(None, "--block-size", "-b", help=f"Values per scale: a power of two {MIN_BLOCK}..{MAX_BLOCK}, "
+                            f"'row' or 'tensor' (default: {DEFAULTS.block_size}).")
 DataTypeOpt = typer.Option(None, "--data-type", "-t",
-                           help="Codebook data type: int | fp | nf | quantile | dynamic (recipe key `dtype`).")
-DoubleQuantOpt = typer.Option(None, "--double-quant/--no-double-quant", help="8-bit scales (bnb style).")
-ScaleDtypeOpt = typer.Option(None, "--scale-dtype", help="fp16 | bf16 | fp32 scales.")
-ScaleSearchOpt = typer.Option(None, "--scale-search", help="Candidate scales per block (1 = plain absmax; default 1, or 8 importance-weighted with --calib).")
-MethodOpt = typer.Option(None, "--method", "-m", help="rtn (round to nearest; with --calib: importance-weighted scales) | gptq (needs --calib). Default: rtn.")
-CalibOpt = typer.Option(None, "--calib", help="Calibration text (plain or JSONL 'text') the model runs on, block by block.")
-CalibTokensOpt = typer.Option(None, "--calib-tokens", help="Calibration tokens to use (default 16384).")
+                           help=f"Codebook data type: {' | '.join(DTYPES)} (recipe key `dtype`; default: {DEFAULTS.dtype}).")
+DoubleQuantOpt = typer.Option(None, "--double-quant/--no-double-quant",
+                              help=f"8-bit scales, bnb style (default: {_on(DEFAULTS.double_quant)}).")
+ScaleDtypeOpt = typer.Option(None, "--scale-dtype", help=f"{' | '.join(SCALE_DTYPES)} scales (ignored with --double-quant; "
+                             f"default: {DEFAULTS.scale_dtype}).")
+ScaleSearchOpt = typer.Option(None, "--scale-search", help="Candidate scales per block, 1..16 (1 = plain absmax) "
+                              f"(default: {DATA_FREE_SEARCH}; {CALIBRATED_SEARCH}, importance-weighted, with --calib).")
+MethodOpt = typer.Option(None, "--method", "-m", help="rtn (round to nearest; with --calib: importance-weighted scales) "
+                         f"| gptq (needs --calib) (default: {DEFAULTS.method}).")
+CalibOpt = typer.Option(None, "--calib", help="Calibration text (plain or JSONL 'text') the model runs on, block by block "
+                        "(default: none, data-free).")
+CalibTokensOpt = typer.Option(None, "--calib-tokens", help=f"Calibration tokens to use (default: {DEFAULT_TOKENS}).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the calibration sample.")
-DampOpt = typer.Option(None, "--damp", help="GPTQ dampening, a fraction of mean(diag H) (default 0.01).")
-ActOrderOpt = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending activation energy (default: on).")
-TargetsOpt = typer.Option(None, "--targets", help="Pattern of tensors to quantize (repeatable); replaces the recipe's.")
-IgnoreOpt = typer.Option(None, "--ignore", help="Pattern of tensors to keep dense (repeatable).")
+DampOpt = typer.Option(None, "--damp", help=f"GPTQ dampening, a fraction of mean(diag H) (default: {DEFAULT_DAMP}).")
+ActOrderOpt = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: quantize columns by descending activation "
+                           f"energy (default: {_on(DEFAULT_ACT_ORDER)}).")
+TargetsOpt = typer.Option(None, "--targets", help="Pattern of tensors to quantize (repeatable); replaces the recipe's "
+                          "(default: the 2-D weights of linear layers, not embeddings, lm_head or norms).")
+IgnoreOpt = typer.Option(None, "--ignore", help="Pattern of tensors to keep dense (repeatable; default: none).")
 OverrideOpt = typer.Option(None, "--override", "-o", help="PATTERN=BITS | PATTERN=skip | PATTERN=key:value,... (repeatable, in order).")
+
+# --force of the bench commands: they have no DST; what it replaces is their --out folder
+BenchForceOpt = typer.Option(False, "--force", help="--out: replace the output folder if it exists.")
 
 TORCH_DTYPES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
 DTYPE_REMOVED = ("--dtype is ambiguous and was removed: use --data-type (the codebook: int|fp|nf|quantile|dynamic) "
@@ -88,7 +117,6 @@ def recipe_from_options(recipe=None, bits=None, block_size=None, dtype=None, dou
 
 def calibration_from_options(calib=None, calib_tokens=None, seed=0, damp=None, act_order=None):
     """The Calibration --calib & co. describe, or None without --calib (then the other options are refused)."""
-    from kbitcli.calibration.data import DEFAULT_TOKENS, Calibration
     from kbitcli.errors import bad_input
 
     if calib is None:
@@ -98,6 +126,6 @@ def calibration_from_options(calib=None, calib_tokens=None, seed=0, damp=None, a
             raise bad_input(f"{extra[0]} goes with --calib FILE (calibration text)")
         return None
     c = Calibration(calib, DEFAULT_TOKENS if calib_tokens is None else calib_tokens, seed,
-                    0.01 if damp is None else damp, True if act_order is None else act_order)
+                    DEFAULT_DAMP if damp is None else damp, DEFAULT_ACT_ORDER if act_order is None else act_order)
     c.check()
     return c

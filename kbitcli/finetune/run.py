@@ -35,6 +35,7 @@ from kbitcli.finetune.progress import NullTrainProgress
 from kbitcli.formats.registry import detect
 from kbitcli.io.atomic import check_not_overlapping, remove_stale
 from kbitcli.io.dtypes import parse_float
+from kbitcli.io.folder import missing_path_error
 from kbitcli.io.manifest import sha256_file
 
 RUN_FILE = "finetune_run.json"
@@ -48,7 +49,7 @@ def peak_rss_mb() -> float:
 
 def check_model(path: str) -> None:
     if not os.path.exists(path):
-        raise bad_input(f"{path}: no such file or folder")
+        raise missing_path_error(path)
     if detect(path) != "kbit":
         raise bad_input(f"{path} is not a kbit checkpoint; finetuning trains on a frozen k-bit base: run "
                         f"`kbit encode {path} {path.rstrip('/')}-nf4 --recipe recipes/llama-nf4.yaml` first")
@@ -277,6 +278,9 @@ def _finish(model, loras, optimizer, cfg, out, run, info, model_path, eval_block
             m, _ = load_model(dst, dtype=dtype, device=device, tokenizer=False)
             merged["eval_loss"] = train.evaluate(m, eval_blocks, cfg.batch_size, device)
             del m
+            curve.plot_loss(curve.read_log(log_path), os.path.join(out, PLOT_FILE),  # with the merged model's loss
+                            f"LoRA r={cfg.rank} on {os.path.basename(os.path.abspath(model_path))}",
+                            merged={merge: merged}, step=cfg.steps)
     summary = {
         "model": run["model"], "out": os.path.abspath(out), "steps": cfg.steps, "start_step": start_step,
         "resumed_from": run["resumed_from"], "targets": len(loras), "trainable_params": run["trainable_params"],

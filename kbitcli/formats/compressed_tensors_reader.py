@@ -202,14 +202,17 @@ class CtCheckpoint:
             if not math.isfinite(t.sum(dtype=torch.float64).item()):
                 raise self._damaged(key, name, f"NaN or Inf in its {key.rsplit('.', 1)[1]}")
         strategy = args.get("strategy")
+        # each weight's group by index (column // group size), never by repeating a scale group-size times: a
+        # group size larger than the row is one group per row, not a huge allocation
         if strategy == "group" or strategy == "tensor_group":
-            g = int(args["group_size"])
-            scale = scale.reshape(rows, -1).repeat_interleave(g, dim=1)[:, :cols]
-            zp = None if zp is None else zp.reshape(rows, -1).repeat_interleave(g, dim=1)[:, :cols]
+            col_group = torch.arange(cols) // int(args["group_size"])
+            scale = scale.reshape(rows, -1)[:, col_group]
+            zp = None if zp is None else zp.reshape(rows, -1)[:, col_group]
         elif strategy == "block":
             bh, bw = args["block_structure"]
-            scale = scale.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
-            zp = None if zp is None else zp.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+            row_block, col_block = (torch.arange(rows) // bh)[:, None], (torch.arange(cols) // bw)[None, :]
+            scale = scale[row_block, col_block]
+            zp = None if zp is None else zp[row_block, col_block]
         elif strategy == "channel":
             scale = scale.reshape(rows, 1)
             zp = None if zp is None else zp.reshape(rows, 1)

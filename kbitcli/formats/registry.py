@@ -14,7 +14,7 @@ from typing import Callable
 from kbitcli.errors import bad_input
 from kbitcli.formats import bnb, compressed_tensors, gguf_format, kbit_write
 from kbitcli.formats.protocol import Reader
-from kbitcli.io.folder import open_safetensors, read_json, weight_files
+from kbitcli.io.folder import missing_path_error, open_safetensors, read_json, weight_files
 from kbitcli.io.manifest import locate
 
 def _quant_method(folder: str) -> str | None:
@@ -37,7 +37,7 @@ def detect(path: str) -> str:
     """'kbit' | 'bnb' | 'compressed-tensors' | 'gguf' | 'dense'. Another tool's quantized layout that kbit
     does not read (GPTQ/AWQ `qweight`, another quant_method) is refused here, by name."""
     if not os.path.exists(path):
-        raise bad_input(f"{path}: no such file or folder")
+        raise missing_path_error(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return "gguf"
     if os.path.isdir(path):
@@ -130,6 +130,8 @@ def describe(reader: Reader) -> dict:
             row["dtype"] = info["data_type"]
         row.update(info.get("extra", {}))
         rows.append(row)
+    # the weight files as written (safetensors headers, kbit metadata, shared tables included): the size
+    # `kbit encode` reports for the same output, so both print the same whole-model bits/param
     size = sum(os.path.getsize(f) for f in reader.files)
     # params is 0 for a file with no tensors, or only empty ones: no bits per parameter
     return {"path": reader.path, "format": reader.format, "tensors": len(rows),

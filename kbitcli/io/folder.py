@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 
 import torch
@@ -29,6 +30,20 @@ INDEX = "model.safetensors.index.json"
 LAYOUTS = ((INDEX, "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 # files of a model folder that are not weights and are not copied along (each output writes its own)
 SIDE_FILE_SKIP = {INDEX, "pytorch_model.bin.index.json", "config.json", "kbit_manifest.json"}
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
+
+
+def missing_path_error(path: str):
+    """The error for an input path that does not exist. A Hugging Face Hub id (`org/name`) gets the command that
+    downloads it: kbit reads local checkpoints only."""
+    text = os.fspath(path)
+    if HUB_ID.fullmatch(text) and not text.startswith(".") and text.count("/") == 1:
+        name = text.split("/")[1]
+        return bad_input(f"{text}: no such file or folder; kbit reads local checkpoints: download it first with "
+                         f"`huggingface-cli download {text} --local-dir {name}`")
+    return bad_input(f"{text}: no such file or folder")
 
 
 def short_error(e: Exception) -> str:
@@ -118,7 +133,7 @@ class Folder:
 
     def __init__(self, path: str, *, pickles: bool = True, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES):
         if not os.path.exists(path):
-            raise bad_input(f"{path}: no such file or folder")
+            raise missing_path_error(path)
         self.path = path
         self.is_folder = os.path.isdir(path)
         if self.is_folder:

@@ -18,6 +18,7 @@ from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.formats.registry import detect, open_reader
 from kbitcli.hf import load_tokenizer, model_class, name_mapper, params_on_meta, read_config
 from kbitcli.io.dtypes import parse_float
+from kbitcli.io.folder import missing_path_error
 from kbitcli.models.kbit_linear import KbitLinear, share_tables
 
 
@@ -28,7 +29,7 @@ def load_model(path: str, *, dtype=None, device="cpu", model_cls=None, tokenizer
     their input's dtype). model_cls: a transformers class (or its name) to use instead of config.json's.
     """
     if not os.path.exists(path):
-        raise bad_input(f"{path}: no such file or folder")
+        raise missing_path_error(path)
     dt = parse_float(dtype, "--torch-dtype")
     fmt = detect(path)
     if fmt == "kbit":

@@ -284,3 +284,34 @@ def test_completion_options_and_completion_itself():
     p = subprocess.run(kbit_command(), capture_output=True, text=True, timeout=120,
                        env={**os.environ, "_KBIT_COMPLETE": "complete_bash", "COMP_WORDS": "kbit enc", "COMP_CWORD": "1"})
     assert p.returncode == 0 and p.stdout.split() == ["encode"], (p.stdout, p.stderr)
+
+
+def test_finetune_to_a_pipe_prints_training_lines(nf4, tmp_path):
+    """finetune in a CI log: a start line, step lines with loss and tok/s, and the last step."""
+    text = tmp_path / "train.txt"
+    text.write_text("Once upon a time there was a little cat. " * 200)
+    p = run_piped("finetune", nf4, tmp_path / "ft", "--data", text, "--steps", "6", "--batch-size", "2",
+                  "--context", "32")
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("kbit: finetune")]
+    assert lines[0] == "kbit: finetune: 6 steps to go (0 done)", p.stderr
+    assert re.fullmatch(r"kbit: finetune step 6/6 \(100%\), loss [\d.]+, [\d,]+ tok/s, \d+ s elapsed", lines[-1]), lines
+
+
+def test_training_lines_come_every_interval():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from kbitcli.finetune.progress import LineTrainProgress
+
+    now = [0.0]
+    buf = StringIO()
+    bar = LineTrainProgress(Console(file=buf, width=200), interval=10, clock=lambda: now[0])
+    bar.start(100, 0)
+    for step in range(1, 101):
+        now[0] += 1.0  # one second per step: a line at 10 s, 20 s, ... and the last step
+        bar.update(step, 2.0, 1000.0)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1 + 10 and lines[1].startswith("kbit: finetune step 10/100 (10%)") and "~90 s left" in lines[1]
+    assert lines[-1].startswith("kbit: finetune step 100/100 (100%)") and "left" not in lines[-1]

@@ -9,7 +9,7 @@ import typer
 from kbitcli.commands.common import JsonOpt, QuietOpt, progress_for, run
 from kbitcli.commands.options import RemovedDtypeOpt, check_torch_dtype, torch_dtype_option
 from kbitcli.finetune import TrainConfig, finetune, load_config, with_flags
-from kbitcli.progress import NullProgress
+from kbitcli.progress import LineProgress, NullProgress
 
 # the settings used without --recipe, read from TrainConfig so the help cannot drift from what runs
 D = TrainConfig()
@@ -68,15 +68,11 @@ def finetune_cmd(
                          context=context, targets=targets, dropout=dropout, seed=seed, warmup=warmup,
                          grad_clip=grad_clip, weight_decay=weight_decay, eval_every=eval_every,
                          save_every=save_every, rslora=rslora)
-        bar = progress_for(quiet, con)
-        if isinstance(bar, NullProgress):
-            from kbitcli.finetune.progress import NullTrainProgress
+        from kbitcli.finetune.progress import LineTrainProgress, NullTrainProgress, RichTrainProgress
 
-            bar = NullTrainProgress()
-        else:
-            from kbitcli.finetune.progress import RichTrainProgress
-
-            bar = RichTrainProgress(con)
+        shown = progress_for(quiet, con)  # the same choice every command makes: none, lines or a rich bar
+        bar = (LineTrainProgress(con) if isinstance(shown, LineProgress) else
+               NullTrainProgress() if isinstance(shown, NullProgress) else RichTrainProgress(con))
         return finetune(model, out, data, cfg, eval_data=eval_data, merge=merge, merge_dtype=merge_dtype,
                         resume=resume, force=force, dtype=dtype, progress=bar)
 

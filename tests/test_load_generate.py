@@ -195,3 +195,11 @@ def test_generate_samples_are_calibration_text(stories_dir, tmp_path):
     assert r.exit_code == 2 and "--temperature" in r.stderr
     r = CliRunner().invoke(app, ["generate", stories_dir, "--samples", "0", "--temperature", "1"])
     assert r.exit_code == 2 and "--samples" in r.stderr
+
+
+def test_generate_writes_the_completion_to_stdout(stories_k):
+    """The completion is the product: on stdout (for `> out.txt` and pipes), the status line on stderr."""
+    r = CliRunner().invoke(app, ["generate", stories_k[8], "--prompt", "Once upon a time", "-n", "12"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("Once upon a time") and r.stdout.endswith("\n") and len(r.stdout.split()) > 4
+    assert "tokens in" in r.stderr and "Once upon a time" not in r.stderr

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from kbitcli.errors import bad_input
-from kbitcli.finetune.atomic import write_safetensors
+from kbitcli.io.atomic import write_safetensors
 from kbitcli.finetune.peft_io import adapter_tensors, key
 
 FOLDER = "checkpoints"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from kbitcli.finetune.atomic import atomic_path
+from kbitcli.io.atomic import atomic_path
 
 MERGED_MARKERS = {"kbit": "*", "dense": "D"}
 MERGED_COLORS = {"kbit": "tab:red", "dense": "tab:purple"}

@@ -128,7 +128,7 @@ def write_kbit(ck: KbitCheckpoint, deltas: dict, dst: str, lineage: list, force:
     with open(man_path) as fh:
         manifest = json.load(fh)
     manifest["source"] = {"path": None, "merged": "dequantized base + LoRA adapter; see lineage"}
-    from kbitcli.finetune.atomic import write_json
+    from kbitcli.io.atomic import write_json
 
     write_json(man_path, manifest)
     return {"path": dst, "tensors": result["tensors"], "quantized_tensors": result["quantized_tensors"],

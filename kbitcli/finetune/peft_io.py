@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from kbitcli.errors import bad_input
-from kbitcli.finetune.atomic import write_json, write_safetensors
+from kbitcli.io.atomic import write_json, write_safetensors
 from kbitcli.finetune.config import TrainConfig
 
 CONFIG = "adapter_config.json"

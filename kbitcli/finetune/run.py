@@ -27,7 +27,7 @@ import torch
 
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.finetune import checkpoint, curve, peft_io, train
-from kbitcli.finetune.atomic import write_json
+from kbitcli.io.atomic import write_json
 from kbitcli.finetune.config import TRAJECTORY, TrainConfig
 from kbitcli.finetune.data import load_blocks
 from kbitcli.finetune.lora import attach_lora, select_targets

@@ -15,6 +15,7 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 
 from kbitcli.core.blockwise import SCALE_DTYPES, QuantizedTensor, Spec, layout, layout_bits
@@ -46,6 +47,31 @@ def file_metadata(tensor_metas: dict[str, dict]) -> dict[str, str]:
             "kbit.tensors": json.dumps(tensor_metas, separators=(",", ":"))}
 
 
+@functools.lru_cache(maxsize=1024)
+def expected_parts(spec: Spec, numel: int) -> tuple:
+    """((suffix, (safetensors dtype, shape)), ...) a quantized tensor's parts must have; suffix None is its
+    codebook. Cached: a model repeats a few (spec, size) pairs many times, and decode checks every read."""
+    parts = [(suffix, (safetensors_name(dtype), shape)) for suffix, (dtype, shape) in layout(spec, numel).items()]
+    return tuple(parts) + ((None, ("F32", (_table_len(spec.dtype, spec.bits),))),)
+
+
+def finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t, by one float64 sum (NaN and Inf propagate; no finite fp32 scales can overflow it):
+    numpy's is the quicker call on the small scale tensors read per tensor (bf16 has no numpy type)."""
+    if t.dtype == torch.bfloat16:
+        return math.isfinite(t.sum(dtype=torch.float64).item())
+    return math.isfinite(float(t.numpy().sum(dtype=np.float64)))
+
+
+def stored_entries(path: str) -> dict[str, tuple[str, tuple]]:
+    """key -> (dtype, shape) from a safetensors file's JSON header, read once (safetensors itself has parsed and
+    checked it when the file was opened; this is the same header, kept for the per-read part checks)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
 def is_kbit_file(metadata: dict | None) -> bool:
     return bool(metadata) and metadata.get("format") == "kbit"
 
@@ -66,9 +92,11 @@ class KbitCheckpoint:
         self.meta: dict[str, dict | None] = {}  # name -> quantization metadata (None: dense)
         self.where: dict[str, str] = {}  # key -> file
         self._checked: set[tuple[str, str]] = set()  # (file, shared table) found finite
+        self.stored: dict[str, tuple[str, tuple]] = {}  # key -> (dtype, shape) as the file's header stores it
         for f in files:
             h = open_safetensors(f)
             self.handles[f] = h
+            self.stored.update(stored_entries(f))
             md = h.metadata() or {}
             if not is_kbit_file(md):
                 codes = next((k for k in h.keys() if k.endswith(".codes")), None)
@@ -157,15 +185,15 @@ class KbitCheckpoint:
         a few values per block, never over the codes). Damage is exit 1 naming the tensor."""
         m = self.meta[name]
         spec = Spec(m["bits"], m["block_size"], m["dtype"], m["double_quant"], m["scale_dtype"])
-        parts = {f"{name}.{suffix}": want for suffix, want in layout(spec, math.prod(m["shape"])).items()}
-        parts[m["codebook"]] = (torch.float32, (_table_len(spec.dtype, spec.bits),))  # shared, or the tensor's own
-        for key, (dtype, shape) in parts.items():
-            if key not in self.where:
-                raise self._damaged(self.path, name, f"part {key!r} is missing")
-            sl = self.handles[self.where[key]].get_slice(key)
-            if sl.get_dtype() != safetensors_name(dtype) or tuple(sl.get_shape()) != shape:
-                raise self._damaged(self.where[key], name, f"{key} is {sl.get_dtype()} {list(sl.get_shape())}, its "
-                                    f"metadata implies {safetensors_name(dtype)} {list(shape)}")
+        # dict lookups in the header parsed at open (no I/O per read), against what the metadata implies
+        for suffix, want in expected_parts(spec, math.prod(m["shape"])):
+            key = m["codebook"] if suffix is None else f"{name}.{suffix}"  # the table: shared, or the tensor's own
+            got = self.stored.get(key)
+            if got != want:
+                if got is None:
+                    raise self._damaged(self.path, name, f"part {key!r} is missing")
+                raise self._damaged(self.where[key], name, f"{key} is {got[0]} {list(got[1])}, its metadata "
+                                    f"implies {want[0]} {list(want[1])}")
         dq = m["double_quant"]
         qt = QuantizedTensor(
             spec, tuple(m["shape"]), from_name(m["orig_dtype"]), self._get(f"{name}.codes"), self._get(f"{name}.scales"),
@@ -175,9 +203,8 @@ class KbitCheckpoint:
         for what, t in (("codebook", None if shared in self._checked else qt.codebook),
                         ("scales", None if dq else qt.scales),
                         ("scales_absmax", qt.scales_absmax), ("scales_offset", qt.scales_offset)):
-            # one float64 sum: NaN and Inf propagate, no finite fp32 scales can overflow it, and it costs a
-            # quarter of isfinite().all() (no bool tensor); the codes are never read here
-            if t is not None and not math.isfinite(t.sum(dtype=torch.float64).item()):
+            # the codes are never read here: a few values per block
+            if t is not None and not finite(t):
                 raise self._damaged(self.where[f"{name}.codes"], name, f"NaN or Inf in its {what}")
         if m["codebook"].startswith("kbit.codebook."):
             self._checked.add(shared)

@@ -5,17 +5,25 @@ given), plus at worst a hidden `.DST.kbit-tmp-PID` that is removed on the way ou
 cut leaves behind is removed by the next run into the same folder (the PID in the name is dead). While a
 run writes DST it holds a lock (`.DST.kbit-lock`, flock), so a second run into the same DST is refused
 instead of silently replacing the first one's result.
+
+A folder that fills up over hours (a finetune run: checkpoints, log, adapter) cannot be one AtomicOutput; its
+files are each replaced atomically with atomic_path / write_json / write_safetensors (temporary name, fsync,
+rename), the same naming, so the same stale-temp sweep applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
 import signal
 import sys
 import threading
+
+from safetensors.torch import save_file
 
 from kbitcli.errors import Terminated, bad_input
 
@@ -267,3 +275,31 @@ def _remove(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+# ---- one file at a time (a training run's folder fills up over hours, so it cannot be one AtomicOutput: every
+# file in it is replaced atomically instead, and a crash or Ctrl-C leaves each file as it was or complete)
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """with atomic_path(p) as tmp: write tmp; it becomes p only if the block finishes."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.kbit-tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+
+
+def write_safetensors(path: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)

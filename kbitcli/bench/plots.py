@@ -1,4 +1,4 @@
-"""The scaling study's files: results.csv / results.json, report.md and the figures in the paper's style.
+"""The scaling study's figures, in the paper's style (the result files are bench/report.py).
 
 Figures (matplotlib, Agg backend, no display needed): metric against total model bits, both axes logarithmic,
 one panel per model, one shared legend on the right that names every colour, marker and line style used.
@@ -18,55 +18,20 @@ LMs; 1 - cosine for encoders).
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 
 import numpy as np
 
-from kbitcli.bench.frontier import describe_cell, frontier, varies_search
+from kbitcli.bench.frontier import frontier
+from kbitcli.bench.labels import LABEL_FONTSIZE, place_labels
 from kbitcli.io.atomic import AtomicOutput
 
-COLUMNS = ("model", "kind", "bits", "block_size", "dtype", "double_quant", "total_bits", "params", "bits_per_param_model",
-           "bits_per_param", "method", "metric_name", "metric", "nll", "ppl", "kl_divergence", "top1_agreement", "cosine_mean",
-           "cosine_min", "on_frontier")
 MARKERS = {"nf": "o", "fp": "s", "int": "^", "quantile": "D", "dynamic": "v"}
-
-
-def _label(c: dict, rows: list[dict]) -> str:
-
-    return describe_cell(c, varies_search(rows))
-
-
-def _write(path: str, write) -> None:
-    """One file, all or nothing (a crash never leaves a half-written report)."""
-    with AtomicOutput(path, folder=False, force=True) as out:
-        with open(out.tmp, "w", newline="") as fh:
-            write(fh)
-
-
-def write_results(out: str, study: dict, cells: list[dict], result: dict) -> list[str]:
-
-    on_front = {id(c) for name in {c["model"] for c in cells} for c in frontier([x for x in cells if x["model"] == name])}
-    rows = [{**c, "on_frontier": id(c) in on_front} for c in cells]
-
-    def table(fh):
-        w = csv.writer(fh)
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow(["" if r.get(k) is None else r.get(k) for k in COLUMNS])
-
-    _write(os.path.join(out, "results.csv"), table)
-    _write(os.path.join(out, "results.json"), lambda fh: json.dump({**result, "rows": rows}, fh, indent=1, default=str))
-    figures = plot_all(out, rows)
-    _write(os.path.join(out, "report.md"), lambda fh: fh.write(report(study, rows, result, figures)))
-    return ["results.csv", "results.json", "report.md"] + figures
 
 
 DPI = 110
 BLOCK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 VARIANT_STYLES = (("-", True), ("--", False), (":", False), ("-.", False))  # (line style, filled markers)
-LABEL_FONTSIZE = 7
 VARIANT_FIELDS = ("method", "double_quant", "scale_search")
 
 
@@ -411,102 +376,6 @@ def frontier_figure(rows: list[dict]):
 # ---- labels that do not overlap ----------------------------------------------------------------------------
 
 # directions tried around a point, nearest first: (dx, dy) in units of the distance
-_DIRS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 2), (-1, 2), (1, -2), (-1, -2),
-         (2, 1), (-2, 1), (2, -1), (-2, -1))
-_DISTS = (5, 9, 16, 26, 38, 52, 68, 86, 106)
-
-
-def place_labels(ax, points, texts, reserved=(), obstacles=(), fontsize=LABEL_FONTSIZE):
-    """Annotate each point (data coordinates) with its text, greedily: of the positions tried around the point
-    the cheapest one that overlaps no placed label or reserved artist and stays inside the axes, preferring
-    positions that cover no marker or frontier line and lie close; far labels get a thin leader line.
-    Call after the layout is final (see _freeze). Returns the annotations."""
-    from matplotlib.transforms import Bbox
-
-    fig = ax.figure
-    renderer = fig.canvas.get_renderer()
-    box = ax.get_window_extent(renderer)
-    px_per_pt = fig.dpi / 72.0
-    placed = [a.get_window_extent(renderer).padded(2) for a in reserved if hasattr(a, "get_text")]
-    obs = [tuple(ax.transData.transform(p)) for p in obstacles]
-    for line in ax.get_lines():  # the frontier step line and the dense line, sampled every few pixels
-        if line.get_gid() == "dense":
-            y = ax.transData.transform((1.0, line.get_ydata()[0]))[1]
-            obs += [(x, y) for x in range(int(box.x0), int(box.x1), 4)]
-        if line.get_gid() != "frontier":
-            continue
-        verts = ax.transData.transform(_step_vertices(line))
-        for (xa, ya), (xb, yb) in zip(verts[:-1], verts[1:]):
-            n = max(1, int(max(abs(xb - xa), abs(yb - ya)) / 4))
-            obs += [(xa + (xb - xa) * i / n, ya + (yb - ya) * i / n) for i in range(n + 1)]
-    anchors = [tuple(ax.transData.transform(p)) for p in points]
-    obs_xy, anchor_xy = np.array(obs, dtype=float).reshape(-1, 2), np.array(anchors, dtype=float).reshape(-1, 2)
-    # the points nearest the edges of the axes have the fewest free positions around them: they go first
-    order = sorted(range(len(points)), key=lambda i: min(anchors[i][0] - box.x0, box.x1 - anchors[i][0],
-                                                          anchors[i][1] - box.y0, box.y1 - anchors[i][1]))
-    out = {}
-    for i in order:
-        (x, y), (px, py), s = points[i], anchors[i], texts[i]
-        probe = ax.text(0, 0, s, fontsize=fontsize)
-        bb = probe.get_window_extent(renderer)
-        probe.remove()
-        w, h = bb.width, bb.height
-        best = None
-        for d in _DISTS:
-            for dx, dy in _DIRS:
-                ox, oy = dx * d * px_per_pt, dy * d * px_per_pt
-                x0 = px + ox - (w if dx < 0 else w / 2 if dx == 0 else 0)
-                y0 = py + oy - (h if dy < 0 else h / 2 if dy == 0 else 0)
-                cand = Bbox.from_bounds(x0, y0, w, h)
-                cx, cy = x0 + w / 2, y0 + h / 2  # a leader runs from the point towards the label's centre
-                leader = [(px + (cx - px) * i / 16, py + (cy - py) * i / 16) for i in range(1, 16)]
-                cost = (1e6 * sum(cand.overlaps(p) for p in placed)
-                        + 2e3 * any(p.contains(lx, ly) for p in placed for lx, ly in leader)
-                        + 1e5 * (not (box.x0 + 2 <= cand.x0 and cand.x1 <= box.x1 - 2 and box.y0 + 2 <= cand.y0
-                                       and cand.y1 <= box.y1 - 2))
-                        + 30 * _inside(obs_xy, cand, 3, (px, py))
-                        + 1e4 * _inside(anchor_xy, cand, 3, (px, py))
-                        + d * (1.0 + 0.15 * (abs(dx) + abs(dy))))
-                # a label nearer another point than its own reads as that point's: prefer others, else a leader
-                own = _gap(cand, px, py)
-                ambiguous = any(_gap(cand, ax_, ay_) < own for ax_, ay_ in anchors if (ax_, ay_) != (px, py))
-                cost += 200 * ambiguous
-                if best is None or cost < best[0]:
-                    best = (cost, ox / px_per_pt, oy / px_per_pt, dx, dy, d, cand, ambiguous)
-        _, ox, oy, dx, dy, d, cand, ambiguous = best
-        ann = ax.annotate(s, (x, y), xytext=(ox, oy), textcoords="offset points", fontsize=fontsize,
-                          ha="right" if dx < 0 else "center" if dx == 0 else "left",
-                          va="top" if dy < 0 else "center" if dy == 0 else "bottom", gid="frontier-label",
-                          arrowprops=dict(arrowstyle="-", color="0.3", lw=0.6, shrinkA=0, shrinkB=3) if ambiguous or abs(ox) + abs(oy) > 9 else None)
-        ann.set_in_layout(False)
-        placed.append(cand.padded(1))
-        out[i] = ann
-    return [out[i] for i in range(len(points))]
-
-
-def _inside(xy, bbox, pad: float, own) -> int:
-    """How many of the points xy (an (n, 2) array, pixels) lie in bbox grown by pad, not counting `own`."""
-    hit = ((xy[:, 0] >= bbox.x0 - pad) & (xy[:, 0] <= bbox.x1 + pad) & (xy[:, 1] >= bbox.y0 - pad)
-           & (xy[:, 1] <= bbox.y1 + pad) & ~((xy[:, 0] == own[0]) & (xy[:, 1] == own[1])))
-    return int(hit.sum())
-
-
-def _gap(bbox, x, y) -> float:
-    """Distance in pixels from a point to a box (0 inside)."""
-    return float(np.hypot(max(bbox.x0 - x, 0.0, x - bbox.x1), max(bbox.y0 - y, 0.0, y - bbox.y1)))
-
-
-def _step_vertices(line):
-    """The corners of a where="post" step line, in data coordinates."""
-    xs, ys = line.get_xdata(), line.get_ydata()
-    pts = []
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        pts.append((x, y))
-        if i + 1 < len(xs):
-            pts.append((xs[i + 1], y))
-    return pts
-
-
 def _save(fig, out: str, stem: str) -> str:
     rel = os.path.join("plots", f"{stem}.png")
     path = os.path.join(out, rel)
@@ -516,46 +385,3 @@ def _save(fig, out: str, stem: str) -> str:
 
     plt.close(fig)
     return rel
-
-
-def shown(path: str) -> str:
-    """A path as a report shows it: relative to where the study ran, never the machine's absolute layout."""
-    rel = os.path.relpath(os.path.abspath(path))
-    return os.path.basename(path) if rel.startswith("..") else rel
-
-
-def report(study: dict, rows: list[dict], result: dict, figures: list[str]) -> str:
-    calib = study.get("calib")
-    lines = [f"# Scaling study `{study['name']}`", "",
-             f"- study file: `{shown(study['file'])}`", f"- text: `{shown(study['text'])}`",
-             *([f"- calibration (method gptq cells): `{shown(calib.path)}`, {calib.tokens} tokens, seed {calib.seed}"]
-               if calib is not None else []),
-             f"- evaluation: {result['evaluation']}: numerically the k-bit forward up to float rounding",
-             f"- cells: {result['cells']} ({result['evaluated']} evaluated now, {result['reused']} reused)",
-             "- total model bits count every stored bit: quantized tensors at k plus scales (and codebooks), "
-             "other tensors at their stored width", ""]
-    for model, v in result["verdict"].items():
-        mine = [r for r in rows if r["model"] == model]
-        first = next(r for r in mine if r["dtype"] == "dense")
-        lines += [f"## {model} ({first['kind']}; metric {first['metric_name']}, lower is better)", "",
-                  f"context {first.get('context')}, {first.get('tokens')} tokens; tokenizer: {first.get('tokenizer')}", "",
-                  "### Verdict: best configuration for each bit budget (Pareto frontier)", "",
-                  "| total bits from | below | bits/param (model) | best | metric |", "|---|---|---|---|---|"]
-        for f in v["frontier"]:
-            lines.append(f"| {f['from_bits']:,} | {'' if f['below_bits'] is None else format(f['below_bits'], ',')} | "
-                         f"{f['bits_per_param_model']:.3f} | {f['config']} | {f['metric']:.5g} |")
-        lines += ["", f"k on the frontier: {v['frontier_bits']}. Best cell of each k:", "",
-                  "| k | best | total bits | metric |", "|---|---|---|---|"]
-        lines += [f"| {k} | {b['config']} | {b['total_bits']:,} | {b['metric']:.5g} |" for k, b in v["best_per_k"].items()]
-        lines += ["",
-                  "### All cells", "", "| config | total bits | bits/param (model) | metric | KL | top-1 | cosine min |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sorted(mine, key=lambda r: (r["total_bits"], r["metric"])):
-            def fmt(key, spec=".5g"):
-                return "" if r.get(key) is None else format(r[key], spec)
-            lines.append(f"| {_label(r, rows)}{' **(frontier)**' if r['on_frontier'] else ''} | {r['total_bits']:,} | "
-                         f"{r['bits_per_param_model']:.3f} | {r['metric']:.5g} | {fmt('kl_divergence')} | "
-                         f"{fmt('top1_agreement', '.4f')} | {fmt('cosine_min')} |")
-        lines.append("")
-    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    return "\n".join(lines)

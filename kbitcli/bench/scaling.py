@@ -27,7 +27,7 @@ from kbitcli.bench import evaluate as ev
 from kbitcli.bench.error import (encoded_weights, grid_recipes, is_quantized_checkpoint, open_weights, parse_grid,
                                  simulated_quantization)
 from kbitcli.bench.frontier import describe_cell, verdict
-from kbitcli.bench.plots import write_results
+from kbitcli.bench.report import write_results
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.io.atomic import AtomicOutput
 from kbitcli.plan import make_plan

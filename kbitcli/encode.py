@@ -86,9 +86,6 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
     src = open_source(src_path)
     if gguf_type is not None and fmt != "gguf":
         raise bad_input(f"--gguf-type {gguf_type} goes with --format gguf, not --format {fmt}")
-    if calib is not None and not out.calibrated:
-        raise bad_input(f"--format {fmt} does not take calibration yet (--calib, --method gptq); "
-                        "use --format kbit, bnb or gguf, or leave out --calib")
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     # a file gives one file: shards exist only in a folder (several shards would overwrite each other)
     plan = plan_source(src, recipe, limit if src.is_folder else None, calibrated=calib is not None)

@@ -26,9 +26,10 @@ import torch
 
 from kbitcli.core.blockwise import quantize
 from kbitcli.core.pack import unpack
-from kbitcli.formats.export_common import (Item, fix, manifest, module_glob, refuse, require_folder, result_dict, who,
-                                           write_hf_folder)
+from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse, require_folder,
+                                           result_dict, who, write_hf_folder)
 from kbitcli.hf import linear_modules, module_of
+from kbitcli.io.spill import Spill, spill_for
 
 DEFAULTS = {"bits": 4, "block_size": 64, "dtype": "int"}
 
@@ -130,13 +131,31 @@ def _le_bytes(w: torch.Tensor) -> torch.Tensor:
 
 # ---- export -------------------------------------------------------------------------------------------
 
-def produce(item: Item, src) -> dict:
+def calibrated_int(w: torch.Tensor, t, H: torch.Tensor, n: int, calib) -> tuple:
+    """The quantizer of a calibrated export (calibration/sequential.run's hook): GPTQ (Hessian 2 H / n) or
+    importance-weighted RTN (H = sum x^2) on kbit's int grid, which is this format's symmetric integer grid.
+    Returns (the QuantizedTensor for the spill, the dequantized fp32 weight the next layers run on)."""
+    from kbitcli.core.blockwise import dequantize
+    from kbitcli.core.kbit_grid import quantize_gptq, quantize_weighted
+
+    s = t.spec
+    if s.method == "gptq":
+        qt = quantize_gptq(w, s, t.name, H / n * 2, damp=calib.damp, act_order=calib.act_order,
+                           candidates=s.scale_search)
+    else:
+        qt = quantize_weighted(w, s, t.name, H / n, s.scale_search)
+    return qt, dequantize(qt, torch.float32)
+
+
+def produce(item: Item, src, spill=None) -> dict:
     t = item.plan
-    w = src.get(t.name)
     if not t.quantized:
-        return {t.name: w}
+        return {t.name: src.get(t.name)}
     k = t.spec.bits
-    qt = quantize(w, t.spec, t.name)  # kbit's own int codes: index c into [-m..m]/m
+    if spill is not None and t.name in spill:  # calibrated: GPTQ / weighted-RTN codes on the same grid
+        qt = spill.get(t.name)
+    else:
+        qt = quantize(src.get(t.name), t.spec, t.name)  # kbit's own int codes: index c into [-m..m]/m
     mx = 2 ** (k - 1) - 1
     rows, cols = t.shape
     codes = unpack(qt.codes, k, rows * cols).view(rows, cols)
@@ -168,7 +187,9 @@ def quantization_config(plan, linears: set[str]) -> dict:
 
 
 def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, force: bool, dry_run: bool, progress,
-           max_shard_bytes) -> dict:
+           max_shard_bytes, calib=None) -> dict:
+    """calib (a calibration.data.Calibration): the model runs block by block first and every quantized tensor
+    inside a block gets GPTQ / importance-weighted RTN codes on the int grid (calibrated_int)."""
     require_folder(src, "compressed-tensors")
     linears = linear_modules(src.config)
     check(plan, recipe, linears)
@@ -189,7 +210,10 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     if dry_run:
         return result
     config = {**src.config, "quantization_config": qc}
-    result["files"] = write_hf_folder(src, dst, items, lambda i: produce(i, src), config, force=force,
-                                      max_shard_bytes=max_shard_bytes, progress=progress,
-                                      meta=manifest("compressed-tensors", src, recipe_info, result))
+    with spill_for(calib, dst, Spill) as spill:
+        result["calibration"] = calibrate(src, src_path, plan, calib, spill, progress, calibrated_int,
+                                          "compressed-tensors")
+        result["files"] = write_hf_folder(src, dst, items, lambda i: produce(i, src, spill), config, force=force,
+                                          max_shard_bytes=max_shard_bytes, progress=progress,
+                                          meta=manifest("compressed-tensors", src, recipe_info, result))
     return result

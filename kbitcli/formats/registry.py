@@ -147,20 +147,19 @@ def describe(reader: Reader) -> dict:
 @dataclass(frozen=True)
 class Writer:
     """export(src, src_path, dst, plan, recipe, recipe_info, *, force, dry_run, progress, max_shard_bytes,
-    calib, **options) -> the result dict. calibrated: takes --calib (quantizes on its grid during the run);
-    defaults: the recipe settings the format starts from (e.g. GGUF: int, B=32); a setting the user gives
+    calib, **options) -> the result dict; with calib, each format quantizes on its own grid during the
+    calibration run. defaults: the recipe settings the format starts from (e.g. GGUF: int, B=32); a setting the user gives
     explicitly is never changed: a format that cannot hold it refuses it."""
 
     export: Callable[..., dict]
-    calibrated: bool
     defaults: dict = field(default_factory=dict)
 
 
 WRITERS = {
-    "kbit": Writer(kbit_write.export, calibrated=True),
-    "bnb": Writer(bnb.export, calibrated=True, defaults=bnb.DEFAULTS),
-    "compressed-tensors": Writer(compressed_tensors.export, calibrated=False, defaults=compressed_tensors.DEFAULTS),
-    "gguf": Writer(gguf_format.export, calibrated=True, defaults=gguf_format.DEFAULTS),
+    "kbit": Writer(kbit_write.export),
+    "bnb": Writer(bnb.export, defaults=bnb.DEFAULTS),
+    "compressed-tensors": Writer(compressed_tensors.export, defaults=compressed_tensors.DEFAULTS),
+    "gguf": Writer(gguf_format.export, defaults=gguf_format.DEFAULTS),
 }
 
 

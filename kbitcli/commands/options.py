@@ -62,7 +62,6 @@ OverrideOpt = typer.Option(None, "--override", "-o", help="PATTERN=BITS | PATTER
 # --force of the bench commands: they have no DST; what it replaces is their --out folder
 BenchForceOpt = typer.Option(False, "--force", help="--out: replace the output folder if it exists.")
 
-TORCH_DTYPES = ("fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
 DTYPE_REMOVED = ("--dtype is ambiguous and was removed: use --data-type (the codebook: int|fp|nf|quantile|dynamic) "
                  "or --torch-dtype (fp32|fp16|bf16)")
 
@@ -75,13 +74,16 @@ def torch_dtype_option(default, help: str):
 def check_torch_dtype(value: str | None) -> str | None:
     """--torch-dtype as given, or a one-line bad-input error that names the flag (and points a codebook data
     type to --data-type) before any work is done. The API accepts the same names (plus 'original' / 'auto')."""
-    from kbitcli.errors import bad_input
+    from kbitcli.errors import KbitError, bad_input
+    from kbitcli.io.dtypes import parse_float
 
-    if value is None or value in ("", "original", "auto") or value in TORCH_DTYPES:
-        return value
-    codebook = value in ("int", "fp", "nf", "quantile", "dynamic")
-    hint = " (a codebook data type is --data-type of kbit encode)" if codebook else ""
-    raise bad_input(f"--torch-dtype {value!r}: choose one of fp32, fp16, bf16 (or 'original'){hint}")
+    try:
+        parse_float(value, "--torch-dtype")  # the one dtype table decides what is a torch dtype
+    except KbitError as e:
+        if value in ("int", "fp", "nf", "quantile", "dynamic"):
+            raise bad_input(f"{e} (a codebook data type is --data-type of kbit encode)") from None
+        raise
+    return value
 
 
 def removed_dtype_option(message: str = DTYPE_REMOVED):

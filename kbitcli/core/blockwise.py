@@ -19,6 +19,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kbitcli.core import codebooks
@@ -132,6 +133,15 @@ def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if below.any():
         s = torch.where(below, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
     return s
+
+
+def finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t, by one float64 sum (NaN and Inf propagate; no finite fp32 value can overflow it): what
+    every reader checks a checkpoint's scales and tables with, never the codes. numpy's is the quicker call on
+    the small scale tensors read per tensor (bf16 has no numpy type)."""
+    if t.dtype == torch.bfloat16:
+        return math.isfinite(t.sum(dtype=torch.float64).item())
+    return math.isfinite(float(t.numpy().sum(dtype=np.float64)))
 
 
 def check_scales(absmax: torch.Tensor, spec: Spec, name: str) -> torch.Tensor:

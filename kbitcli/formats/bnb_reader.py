@@ -12,7 +12,7 @@ import math
 import torch
 
 from kbitcli.core import codebooks
-from kbitcli.core.blockwise import DQ_BLOCK, QuantizedTensor, Spec, dequantize
+from kbitcli.core.blockwise import DQ_BLOCK, QuantizedTensor, Spec, dequantize, finite
 from kbitcli.errors import KbitError
 from kbitcli.io.dtypes import from_name
 from kbitcli.io.folder import TensorFiles as Files
@@ -97,7 +97,7 @@ class BnbCheckpoint:
     def _finite(self, name: str, parts: dict[str, torch.Tensor]) -> None:
         """NaN or Inf in the small tables (never the codes): one float64 sum each, which NaN and Inf survive."""
         for k, t in parts.items():
-            if t.is_floating_point() and not math.isfinite(t.sum(dtype=torch.float64).item()):
+            if t.is_floating_point() and not finite(t):
                 raise self._damaged(k, name, f"NaN or Inf in its {k.rsplit('.', 1)[1]}")
 
     def is_quantized(self, name: str) -> bool:

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from kbitcli.core.blockwise import finite
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.formats.compressed_tensors import unpack_rows
 from kbitcli.io.dtypes import from_name
@@ -199,7 +200,7 @@ class CtCheckpoint:
             parts[f"{m}.weight_global_scale"] = gs = self.f.get(f"{m}.weight_global_scale").float()
             scale = scale / gs
         for key, t in parts.items():  # one float64 sum each (NaN and Inf survive it), never over the codes
-            if not math.isfinite(t.sum(dtype=torch.float64).item()):
+            if not finite(t):
                 raise self._damaged(key, name, f"NaN or Inf in its {key.rsplit('.', 1)[1]}")
         strategy = args.get("strategy")
         # each weight's group by index (column // group size), never by repeating a scale group-size times: a

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 
+from kbitcli.core.blockwise import finite
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.formats.gguf_format import ARCHS, gguf
 from kbitcli.io.dtypes import from_safetensors
@@ -179,7 +180,7 @@ class GgufCheckpoint:
         else:
             w = torch.from_numpy(np.ascontiguousarray(g.quants.dequantize(t.data, t.tensor_type)))
             # NaN / Inf block scales (finite ones cannot make a non-finite weight): one float64 sum detects them
-            if not math.isfinite(w.sum(dtype=torch.float64).item()):
+            if not finite(w):
                 raise self.damaged(name, f"NaN or Inf in its {kind} block scales")
         w = w.reshape(self.shape(name))
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):

@@ -15,14 +15,13 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 
-from kbitcli.core.blockwise import SCALE_DTYPES, QuantizedTensor, Spec, layout, layout_bits
+from kbitcli.core.blockwise import SCALE_DTYPES, QuantizedTensor, Spec, finite, layout, layout_bits
 from kbitcli.core.codebooks import DTYPES, MAX_BITS, MIN_BITS, fixed_codebook
 from kbitcli.errors import KbitError, bad_input
 from kbitcli.io.dtypes import config_name, from_name, from_safetensors, safetensors_name
-from kbitcli.io.folder import Folder, open_safetensors
+from kbitcli.io.folder import Folder, open_safetensors, read_header
 from kbitcli.io.folder import short_error as _short
 from kbitcli.io.manifest import read_manifest
 
@@ -55,21 +54,9 @@ def expected_parts(spec: Spec, numel: int) -> tuple:
     return tuple(parts) + ((None, ("F32", (_table_len(spec.dtype, spec.bits),))),)
 
 
-def finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in t, by one float64 sum (NaN and Inf propagate; no finite fp32 scales can overflow it):
-    numpy's is the quicker call on the small scale tensors read per tensor (bf16 has no numpy type)."""
-    if t.dtype == torch.bfloat16:
-        return math.isfinite(t.sum(dtype=torch.float64).item())
-    return math.isfinite(float(t.numpy().sum(dtype=np.float64)))
-
-
 def stored_entries(path: str) -> dict[str, tuple[str, tuple]]:
-    """key -> (dtype, shape) from a safetensors file's JSON header, read once (safetensors itself has parsed and
-    checked it when the file was opened; this is the same header, kept for the per-read part checks)."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    """key -> (dtype, shape) from a safetensors file's header, read once at open for the per-read part checks."""
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in read_header(path)[1].items() if k != "__metadata__"}
 
 
 def is_kbit_file(metadata: dict | None) -> bool:

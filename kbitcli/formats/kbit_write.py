@@ -96,6 +96,5 @@ def export(src: Source, src_path: str, dst: str, plan: Plan, recipe, recipe_info
         config = None if src.config is None else {**src.config, "quantization_config": quantization_config(plan)}
         records = out.finish(config=config, side_files=src.path if folder else None,
                              index_metadata={"format": "kbit"}, manifest=manifest)
-    result["bytes_out"] = sum(r["bytes"] for r in records if r["name"].endswith(".safetensors"))
     result["files"] = [r["name"] for r in records]
     return result

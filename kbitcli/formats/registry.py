@@ -86,9 +86,9 @@ def _refuse_other(path: str, method: str | None, keys: list[str]) -> str:
     return "dense"
 
 
-def open_reader(path: str) -> Reader:
-    """The reader for whatever path holds (formats/protocol.py)."""
-    fmt = detect(path)
+def open_reader(path: str, fmt: str | None = None) -> Reader:
+    """The reader for whatever path holds (formats/protocol.py); fmt: what detect(path) already said."""
+    fmt = fmt or detect(path)
     if fmt == "kbit":
         from kbitcli.formats.kbit_format import KbitCheckpoint
 

@@ -6,7 +6,6 @@ with torch.load(weights_only=True, mmap=True), which refuses pickles that would 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -15,7 +14,7 @@ from safetensors import SafetensorError
 
 from kbitcli.errors import bad_input
 from kbitcli.io.dtypes import from_safetensors, safetensors_name
-from kbitcli.io.folder import Folder, load_bin, open_safetensors, short_error
+from kbitcli.io.folder import Folder, load_bin, open_safetensors, read_header, short_error
 
 # what a k-bit checkpoint stores beside a quantized tensor T, as `T.<part>` (docs/FORMAT.md 2.2)
 KBIT_PARTS = ("codes", "scales", "scales_absmax", "scales_offset", "codebook")
@@ -56,9 +55,6 @@ class Source:
     @property
     def config(self) -> dict | None:
         return self.folder.config
-
-    def side_files(self) -> list[str]:
-        return self.folder.side_files()
 
     # the reader protocol (formats/protocol.py): a dense checkpoint is its own decoded form
     def shape(self, name: str) -> tuple[int, ...]:
@@ -114,9 +110,7 @@ class Source:
     def _read(self, name: str) -> torch.Tensor:
         file = self.where[name]
         if file not in self._headers:
-            with open(file, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                self._headers[file] = (8 + n, json.loads(fh.read(n)))
+            self._headers[file] = read_header(file)
         base, header = self._headers[file]
         entry = header[name]
         dtype, shape = from_safetensors(entry["dtype"]), tuple(entry["shape"])

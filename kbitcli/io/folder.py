@@ -101,6 +101,14 @@ def load_bin(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_header(path: str) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of a safetensors file, parsed once by the readers that need the
+    entries themselves: the dense reader reads tensors at their offsets, the native one checks part shapes."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
 def index_files(folder: str, index: str) -> list[str]:
     """The shard files a `*.index.json` names, in order: each inside the folder and present."""
     obj = read_json(index, required=True, what="an object (a shard index)")
@@ -144,14 +152,6 @@ class Folder:
                 raise bad_input(f"{path}: expected a {' or '.join(s for s in suffixes)} file, or a model folder")
             self.files = [path]
             self.config = None
-
-    @property
-    def root(self) -> str:
-        """The folder the checkpoint's files live in."""
-        return self.path if self.is_folder else os.path.dirname(os.path.abspath(self.path))
-
-    def side_files(self) -> list[str]:
-        return side_files(self.path) if self.is_folder else []
 
     def copy_side_files(self, dst_folder: str) -> None:
         if self.is_folder:

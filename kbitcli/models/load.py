@@ -36,7 +36,7 @@ def load_model(path: str, *, dtype=None, device="cpu", model_cls=None, tokenizer
         model = _load_kbit(path, dt, model_cls)
     else:
         if fmt != "dense":  # bitsandbytes / compressed-tensors / GGUF: weights decoded by kbit's own readers
-            model, tok = _load_foreign(open_reader(path), dt, tokenizer)
+            model, tok = _load_foreign(open_reader(path, fmt), dt, tokenizer)
             return model.to(device).eval(), tok
         model = _load_dense(path, dt, model_cls)
     model.to(device).eval()

@@ -1,5 +1,6 @@
 """The Python API in one import: `import kbitcli.api as kbit; model, tok = kbit.load_model("out/x")`."""
 
+from kbitcli.allocate.planner import plan
 from kbitcli.calibration.data import Calibration
 from kbitcli.decode import decode
 from kbitcli.encode import encode
@@ -8,4 +9,4 @@ from kbitcli.models.kbit_linear import KbitLinear
 from kbitcli.models.load import load_model
 from kbitcli.recipes import Recipe, from_dict, load_recipe, with_flags
 
-__all__ = ["Calibration", "encode", "decode", "inspect", "load_model", "KbitLinear", "Recipe", "load_recipe", "with_flags", "from_dict"]
+__all__ = ["Calibration", "encode", "plan", "decode", "inspect", "load_model", "KbitLinear", "Recipe", "load_recipe", "with_flags", "from_dict"]

@@ -93,8 +93,10 @@ def test_transformers_logits_equal_kbit_forward(stories_dir, tmp_path, dq):
     assert type(theirs.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     assert type(theirs.model.layers[0].mlp.down_proj).__name__ == "Linear"
     # stories260K's FFN rows (172) are not a multiple of 32, which bnb's CPU AVX512 kernel needs: generic path
-    diff = (logits(ours) - logits(bnb_generic_path(theirs))).abs().max().item()
-    assert diff < 1e-5, diff
+    ref = logits(ours)
+    diff = (ref - logits(bnb_generic_path(theirs))).abs().max().item()
+    # same decoded weights; kbit's fused kernel (core/matvec.py) sums in another order than MKL: a few ulps
+    assert diff < 4e-6 * ref.abs().max().item(), diff
 
 
 def test_bitsandbytes_cpu_kernel_on_tiny_llama(tiny, tmp_path):
@@ -110,7 +112,7 @@ def test_bitsandbytes_cpu_kernel_on_tiny_llama(tiny, tmp_path):
     assert (fast - ref).abs().max().item() < 0.05 * ref.abs().max().item()  # its kernel computes in bf16
     # (the kernel repacks the weights on first use, so the generic path needs a fresh load)
     generic = logits(bnb_generic_path(AutoModelForCausalLM.from_pretrained(str(tmp_path / "bnb"))))
-    assert (generic - ref).abs().max().item() < 1e-5
+    assert (generic - ref).abs().max().item() < 4e-6 * ref.abs().max().item()
 
 
 def test_reader_decodes_a_checkpoint_bitsandbytes_wrote(stories_dir, tmp_path):

@@ -20,7 +20,7 @@ LAYERS = [
     ("kbitcli.formats", 5),  # every on-disk format, behind the reader protocol and the writers dict
     ("kbitcli.models", 6),  # loading and running k-bit models
     ("kbitcli.encode", 7), ("kbitcli.decode", 7), ("kbitcli.inspect", 7), ("kbitcli.finetune", 7),
-    ("kbitcli.bench", 7),  # the operations
+    ("kbitcli.bench", 7), ("kbitcli.allocate", 7),  # the operations (allocate: `kbit plan`)
     ("kbitcli.api", 8), ("kbitcli.commands", 8), ("kbitcli.__main__", 8),  # the Python API and the CLI
 ]
 

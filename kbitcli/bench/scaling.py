@@ -253,6 +253,18 @@ class ModelEvaluator:
 
         return sum(math.prod(s) for _, _, s in self.reader.names_infos)
 
+    def plan_cell(self, budget: float, base_recipe: Recipe) -> dict:
+        """A `kbit plan` mix for `budget` bits per quantized parameter (Fisher-weighted with the study's calib,
+        data-free without), evaluated like any cell and marked dtype 'plan', k = the budget."""
+        from kbitcli.allocate.planner import plan
+
+        p = plan(self.path, str(budget), recipe=base_recipe, calib=self.calib)
+        recipe = from_dict(read_yaml_text(p["recipe_yaml"]), f"plan {budget}")
+        cell = self.cell(recipe)
+        cell.update(bits=budget, block_size="mixed", dtype="plan", double_quant=True, method="rtn",
+                    plan_sensitivity=p["sensitivity"])
+        return cell
+
     def cell(self, recipe: Recipe) -> dict:
         t0 = time.time()
         calibrated = recipe.method == "gptq"  # rtn cells stay data-free: the paper's round-to-nearest
@@ -270,14 +282,36 @@ class ModelEvaluator:
                 "bits_per_param": s["bits_per_param_quantized"], **m, "seconds": round(time.time() - t0, 3)}
 
 
-def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = False, progress=None) -> dict:
+def read_yaml_text(text: str):
+    from kbitcli import safe_yaml
+
+    return safe_yaml.load(text, "plan")
+
+
+def parse_plans(text: str | None) -> list[float]:
+    """--plans '3,3.5,4' -> budgets in bits per quantized parameter."""
+    if not text:
+        return []
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise bad_input(f"--plans {text!r}: expected budgets in bits per quantized parameter, e.g. 3,3.5,4") from None
+    if not out or any(not 1 < b <= 32 for b in out):
+        raise bad_input(f"--plans {text!r}: expected budgets in bits per quantized parameter, e.g. 3,3.5,4")
+    return out
+
+
+def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = False, progress=None,
+              plans: list[float] | None = None) -> dict:
+    """plans: budgets (bits per quantized parameter) whose `kbit plan` mixes join the cells (dtype 'plan')."""
 
     t0 = time.time()
     study = load_study(study_path)
     text = ev.read_text(study["text"])
     fp = fingerprint(study)
     done = open_cells(out, fp, resume, force)
-    todo_total = len(study["models"]) * (len(study["recipes"]) + 1)
+    plans = plans or []
+    todo_total = len(study["models"]) * (len(study["recipes"]) + 1 + len(plans))
     cells, evaluated, meta = [], 0, {}
     if progress is not None:
         progress.start("scaling", 0, todo_total)
@@ -285,7 +319,7 @@ def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = 
         for model in study["models"]:
             keys = [(model["name"], None, None, "dense", None, None, None)] + [
                 (model["name"], r.bits, r.block_size, r.dtype, r.double_quant, r.scale_search, r.method)
-                for r in study["recipes"]]
+                for r in study["recipes"]] + [(model["name"], b, "mixed", "plan", True, None, "rtn") for b in plans]
             if all(k in done for k in keys):
                 cells += [done[k] for k in keys]
                 if progress is not None:
@@ -295,11 +329,12 @@ def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = 
             evaluator = ModelEvaluator(model, study, text)
             meta[model["name"]] = {"kind": evaluator.kind, "context": evaluator.context, "tokens": evaluator.tokens,
                                    "tokenizer": evaluator.tokenizer, "tokenization": evaluator.tokenization}
-            for key, recipe in zip(keys, [None] + study["recipes"]):
+            for key, recipe in zip(keys, [None] + study["recipes"] + plans):
                 if key in done:
                     cell = done[key]
                 else:
-                    cell = evaluator.baseline() if recipe is None else evaluator.cell(recipe)
+                    cell = evaluator.baseline() if recipe is None else evaluator.plan_cell(recipe, study["base_recipe"]) \
+                        if isinstance(recipe, float) else evaluator.cell(recipe)
                     cell.update(meta[model["name"]])
                     append_cell(out, cell)
                     evaluated += 1

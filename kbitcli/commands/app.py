@@ -6,7 +6,7 @@ import typer
 
 from kbitcli import __version__
 from kbitcli.commands import (bench_error, bench_ppl, bench_scaling, bench_speed, decode, encode, finetune, generate,
-                              inspect)
+                              inspect, plan)
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn checkpoints into k-bit ones (k = 2..8), run, finetune, decode and measure them.")
@@ -25,6 +25,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 # one module per command, each a plain function: registered here, so no command module imports this one
 app.command("encode")(encode.encode_cmd)
+app.command("plan")(plan.plan_cmd)
 app.command("decode")(decode.decode_cmd)
 app.command("inspect")(inspect.inspect_cmd)
 app.command("generate")(generate.generate_cmd)

@@ -28,13 +28,17 @@ def bench_scaling_cmd(
     out: Optional[str] = typer.Option(None, "--out", help="Folder for cells.jsonl, results.csv/json, report.md, plots/ (default: scaling-<study name>)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the finished cells in --out (same text and options)."),
     force: bool = typer.Option(False, "--force", help="--out: start the study over (its finished cells are discarded), or write into a folder that is not a study."),
+    plans: Optional[str] = typer.Option(None, "--plans", help="Budgets in bits per quantized parameter (e.g. 3,3.5,4): "
+                                        "`kbit plan` mixes drawn with the grid's cells (data type 'plan')."),
     as_json: bool = JsonOpt, quiet: bool = QuietOpt,
 ):
     """Metric vs total model bits over a grid of k x block size x data type, for several models; plots and verdict."""
-    from kbitcli.bench.scaling import load_study, run_study
+    from kbitcli.bench.scaling import load_study, parse_plans, run_study
 
     def work(con):
+        budgets = parse_plans(plans)
         dst = out or f"scaling-{load_study(recipe)['name']}"
-        return run_study(recipe, dst, resume=resume, force=force, progress=progress_for(quiet, con, steps=True))
+        return run_study(recipe, dst, resume=resume, force=force, progress=progress_for(quiet, con, steps=True),
+                         plans=budgets)
 
     run(work, as_json=as_json, quiet=quiet, show=show)

@@ -11,6 +11,12 @@ of whole decoded bytes (see byte_table); other k unpack first (`core.pack.unpack
 codebook share the codebook and the byte table (`share_tables`).
 
 `transposed=True` is for GPT-2's Conv1D, whose stored weight is [in, out] and computes x @ W + b.
+
+Small batches (token-by-token generation: a few rows of x) skip the slabs: the fused CPU kernel
+(core/matvec.py) multiplies straight from the packed codes, reading 1/8 of fp32's bytes at k = 4 where the
+slab path writes and re-reads a full fp32 copy. It serves forwards whose input needs no gradient, on CPU, with
+at most `kernel_max_rows` rows of x (the measured crossover: beyond it decoding once per slab and one sgemm
+win). Without the kernel (KBIT_KERNEL=0, no C compiler) everything takes the slab path.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kbitcli.core import codebooks
+from kbitcli.core import codebooks, matvec
 from kbitcli.core.blockwise import DQ_BLOCK, QuantizedTensor, Spec, dequantize_range
 from kbitcli.core.pack import unpack
 
 SLAB_VALUES = 1 << 18  # values decoded per slab (1 MB of fp32): bounds the transient, amortises ~12 small ops per slab
+# Rows of x up to which the fused kernel beats decode-by-slabs + sgemm, per k (docs/SPEED.md: measured on a
+# SmolLM2-135M MLP shape, 1 thread). k = 2, 4, 8 decode slabs with one byte-table gather (fast), so their
+# crossover comes early; other k unpack bits in torch first, and the kernel wins up to prefill sizes.
+KERNEL_MAX_ROWS = {2: 24, 4: 24, 8: 48, 3: 128, 5: 128, 6: 128, 7: 128}
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -158,7 +168,33 @@ class KbitLinear(nn.Module):
         dtype = self.compute_dtype or in_dtype
         return self._forward(x.to(dtype), dtype).to(in_dtype)
 
+    def packed_weight(self) -> matvec.PackedWeight:
+        """The kernel's view of this module's buffers (rebuilt when a buffer was replaced, e.g. by .to())."""
+        key = (self.codes.data_ptr(), self.scales.data_ptr(), self.codebook.data_ptr())
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            dq = _scale_table(self.scales.device) if self.scales_absmax is not None else None
+            pw = matvec.PackedWeight(self.codes, self.shape, self.spec.bits, self.spec.block_size, self.codebook,
+                                     self.scales, self.scales_absmax, self.scales_offset, self.transposed, dq)
+            self.__dict__["_packed"] = cached = (key, pw)
+        return cached[1]
+
+    def kernel_max_rows(self) -> int:
+        return KERNEL_MAX_ROWS.get(self.spec.bits, 0)
+
+    def _use_kernel(self, x: torch.Tensor):
+        """The kernel library when it should compute this forward, else None."""
+        if x.device.type != "cpu" or x.numel() > self.kernel_max_rows() * self.in_features:
+            return None
+        if x.requires_grad:  # finetuning (also under FrozenKbitMatmul's no_grad forward): keep the slab path
+            return None
+        return matvec.kernel()
+
     def _forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        lib = self._use_kernel(x)
+        if lib is not None:
+            out = self.packed_weight().matmul(lib, x).to(dtype)
+            return out if self.bias is None else out.add_(self.bias.to(dtype))
         slabs = self.slabs()
         bias = None if self.bias is None else self.bias.to(dtype)
         if not self.transposed:

@@ -1,0 +1,184 @@
+"""Fused k-bit small-batch matmul on CPU: y = x @ W^T straight from the packed codes (csrc/kbit_matmul.c).
+
+Why: at batch 1 (token-by-token generation) a linear layer reads every weight once, so its time is memory
+traffic. Decoding W to fp32 first (KbitLinear's slab path) reads the codes, writes an fp32 copy and reads it
+back: ~9x the bytes of a 4-bit weight, hence slower than dense. The kernel decodes 16 codes at a time into a
+SIMD register (a byte shuffle + per-lane shifts pull any k = 2..8 out of the MSB-first stream; the codebook
+sits in registers: one `vpermps` for k <= 4, a tree of two-register lookups for k = 5..8), multiplies by the
+block scale and accumulates against x; nothing bigger than a register is written. Output rows (for a
+transposed weight, output columns) are cut into chunks that the calling thread and a small pthread pool take
+from an atomic ticket; the caller never waits for a worker the OS has not scheduled (OpenMP's fork/join does,
+and on this shared 2-core machine that cost ~8 ms per layer: see the comment in the C file).
+
+Why C compiled at first use (not numba, not torch's int4/int8 packed kernels): torch's kernels cover only
+uniform integer grids (no nf, fp, quantile, dynamic; no odd k); numba is a new ~40 MB dependency whose
+vectorisation of a 16-entry register lookup is not ours to steer. The system C compiler is present wherever
+torch's own `torch.compile` works; `-march=native` uses what this CPU has (the AVX-512 VBMI path, else a
+portable loop that gcc vectorises as it can). The build takes about a second, once per machine: the library is cached per user, keyed by
+the hash of the source, the flags and the CPU's feature flags, and written via an atomic rename so
+concurrent processes never load a half-written file. No compiler, a failed build or KBIT_KERNEL=0 means
+None from `kernel()` (a one-line warning on stderr, once, unless switched off on purpose), and callers keep
+their torch path: `make test` and `make demo` stay two commands on a machine without gcc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "kbit_matmul.c")
+FLAGS = ["-O3", "-march=native", "-pthread", "-ffp-contract=off", "-shared", "-fPIC"]
+ABI_VERSION = 2
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3}
+MIN_VALUES_PER_THREAD = 1 << 15  # below this a layer runs on one thread: waking a second costs more than it saves
+
+
+class Weight(ctypes.Structure):
+    """Mirrors kbit_weight in kbit_matmul.c."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("block", ctypes.c_int64), ("bits", ctypes.c_int32), ("scale_kind", ctypes.c_int32),
+                ("scales", ctypes.c_void_p), ("codebook", ctypes.c_void_p), ("dq_table", ctypes.c_void_p),
+                ("dq_absmax", ctypes.c_void_p), ("dq_offset", ctypes.c_float), ("transposed", ctypes.c_int32),
+                ("affine_zero", ctypes.c_int32), ("affine_step", ctypes.c_float)]
+
+
+def affine_form(codebook: torch.Tensor) -> tuple[int, float]:
+    """(z, d) when every entry i of the codebook is (i - z) * d to within float32 rounding (the int data
+    type), else (-1, 0): the kernel then computes values instead of looking them up (k >= 6, where a table
+    lookup costs several instructions per 16 values)."""
+    t = codebook.detach().double().reshape(-1)
+    if t.numel() < 3 or (t <= 0).all() or (t >= 0).all():
+        return -1, 0.0
+    zeros = (t == 0).nonzero()
+    if zeros.numel() != 1:
+        return -1, 0.0
+    z = int(zeros[0])
+    d = float(t[-1] / (t.numel() - 1 - z)) if t.numel() - 1 != z else 0.0
+    ideal = (torch.arange(t.numel(), dtype=torch.float64) - z) * d
+    if d <= 0 or (ideal - t).abs().max() > 1e-6 * t.abs().max():
+        return -1, 0.0
+    return z, d
+
+
+def cache_dir() -> str:
+    base = os.environ.get("KBIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kbit")
+    return os.path.join(base, "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def build(cc: str | None = None, extra_flags: tuple[str, ...] = (), directory: str | None = None) -> str:
+    """Compile the kernel (or find it already compiled) and return the library's path; raises on failure."""
+    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    with open(SOURCE, "rb") as fh:
+        src = fh.read()
+    flags = FLAGS + list(extra_flags)
+    key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    directory = directory or cache_dir()
+    path = os.path.join(directory, f"kbit_matmul-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *flags, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:] or ['?']}")
+        os.replace(tmp, path)  # atomic: another process sees no file or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    if lib.kbit_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path}: ABI version {lib.kbit_abi_version()}, expected {ABI_VERSION}")
+    lib.kbit_matmul.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.kbit_matmul.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> ctypes.CDLL | None:
+    try:
+        return load(build())
+    except Exception as e:  # never crash: the torch path computes the same thing, slower
+        print(f"kbit: fused k-bit kernel unavailable ({e}); using the slower torch path "
+              "(set KBIT_KERNEL=0 to silence this)", file=sys.stderr)
+        return None
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (KBIT_KERNEL=0, no compiler, failed build: warned once)."""
+    if os.environ.get("KBIT_KERNEL", "1") == "0":
+        return None
+    return _kernel()
+
+
+@functools.lru_cache(maxsize=256)
+def _table256(values: bytes) -> torch.Tensor:
+    """A codebook padded to 256 entries with NaN (codes past its end exist only in a damaged file)."""
+    t = torch.full((256,), float("nan"))
+    src = torch.frombuffer(bytearray(values), dtype=torch.float32)
+    t[: src.numel()] = src
+    return t
+
+
+def table256(codebook: torch.Tensor) -> torch.Tensor:
+    return _table256(codebook.detach().float().contiguous().numpy().tobytes())
+
+
+class PackedWeight:
+    """The kernel's view of one k-bit matrix: pointers into the caller's tensors, which must outlive it
+    (it keeps references). Build once per module, call many times."""
+
+    def __init__(self, codes, shape, bits, block, codebook, scales, scales_absmax=None, scales_offset=None,
+                 transposed=False, dq_table=None):
+        if scales.dtype not in SCALE_KINDS:
+            raise ValueError(f"unsupported scale dtype {scales.dtype}")
+        self.rows, self.cols = int(shape[0]), int(shape[1])
+        self.transposed = bool(transposed)
+        self.in_features, self.out_features = (self.rows, self.cols) if transposed else (self.cols, self.rows)
+        self._keep = [codes.contiguous(), scales.contiguous(), table256(codebook)]
+        w = Weight(codes=self._keep[0].data_ptr(), rows=self.rows, cols=self.cols, block=int(block), bits=int(bits),
+                   scale_kind=SCALE_KINDS[scales.dtype], scales=self._keep[1].data_ptr(),
+                   codebook=self._keep[2].data_ptr(), transposed=int(self.transposed))
+        w.affine_zero, w.affine_step = affine_form(codebook)
+        if scales.dtype == torch.uint8:
+            self._keep += [table256(dq_table), scales_absmax.float().contiguous()]
+            w.dq_table, w.dq_absmax = self._keep[3].data_ptr(), self._keep[4].data_ptr()
+            w.dq_offset = float(scales_offset.reshape(-1)[0])
+        self.struct = w
+        self.threads_cap = max(1, self.rows * self.cols // MIN_VALUES_PER_THREAD)
+
+    def matmul(self, lib: ctypes.CDLL, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """x: [..., in] (any float dtype) -> fp32 [..., out]."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        n = min(threads or torch.get_num_threads(), self.threads_cap)
+        if lib.kbit_matmul(ctypes.byref(self.struct), x2.data_ptr(), x2.shape[0], y.data_ptr(), n):
+            raise ValueError(f"the kernel refused k={self.struct.bits}, block={self.struct.block}")
+        return y.view(*lead, self.out_features)

@@ -1,0 +1,158 @@
+"""The fused k-bit kernel (core/matvec.py) against KbitLinear's dequantize-by-slabs path, on stories260K's real
+weights (ragged 172-column rows with blocks of 64) and every k, data type, scale storage and layout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from kbitcli.core import matvec
+from kbitcli.core.blockwise import Spec, quantize
+from kbitcli.models.kbit_linear import KbitLinear
+
+W_DOWN = "model.layers.0.mlp.down_proj.weight"  # [64, 172]: rows run across block boundaries at B = 64
+W_UP = "model.layers.0.mlp.up_proj.weight"  # [172, 64]
+
+
+@pytest.fixture(scope="module")
+def weights(stories_dir):
+    with safe_open(os.path.join(stories_dir, "model.safetensors"), "pt") as h:
+        return {k: h.get_tensor(k) for k in (W_DOWN, W_UP)}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = matvec.kernel()
+    assert lib is not None, "gcc is present on the test machines: the kernel must build"
+    return lib
+
+
+def slab_result(m: KbitLinear, x: torch.Tensor) -> torch.Tensor:
+    """The reference: KbitLinear's torch path (dequantize by slabs, then matmul), in float64."""
+    w = m.dequantize_weight().double()
+    return x.double() @ w.t()
+
+
+def check(m: KbitLinear, lib, rows: int, seed: int = 0, threads: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, m.in_features, generator=g)
+    got = m.packed_weight().matmul(lib, x, threads=threads)
+    ref = slab_result(m, x)
+    assert got.shape == (rows, m.out_features)
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert err < 2e-6, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dtype", ["nf", "fp", "int", "quantile", "dynamic"])
+def test_every_k_and_dtype(weights, lib, bits, dtype):
+    dq = (bits + len(dtype)) % 2 == 0  # half the cases double-quantized, spread over k and dtype
+    m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(bits, 64, dtype, double_quant=dq)))
+    for rows in (1, 3, 11):  # 11: one full group of 8 rows of x and a ragged rest
+        check(m, lib, rows, seed=bits)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("scale_dtype", ["fp16", "bf16", "fp32", "dq"])
+def test_scale_storage_and_transposed(weights, lib, bits, scale_dtype):
+    spec = Spec(bits, 64, "nf", double_quant=scale_dtype == "dq", scale_dtype="fp16" if scale_dtype == "dq" else scale_dtype)
+    for name in (W_DOWN, W_UP):
+        w = weights[name]
+        plain = KbitLinear.from_quantized(quantize(w, spec))
+        conv = KbitLinear.from_quantized(quantize(w, spec), transposed=True)  # Conv1D: stored [in, out]
+        for rows in (1, 9):
+            check(plain, lib, rows)
+            check(conv, lib, rows)
+
+
+@pytest.mark.parametrize("block", [16, 48, 172, 1000])
+def test_blocks_that_do_not_fit_rows_or_vectors(weights, lib, block):
+    """Blocks smaller than, larger than and unaligned to a 172-value row, and to the kernel's 16-value vectors."""
+    for bits in (3, 4, 7):
+        m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(bits, block, "int", double_quant=bits == 7)))
+        check(m, lib, 2)
+        check(KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(bits, block, "fp")), transposed=True), lib, 2)
+
+
+def test_threads_agree_on_a_large_layer(lib):
+    """A layer big enough to be cut into chunks for several threads gives what one thread gives, bit for bit."""
+    w = torch.randn(700, 300, generator=torch.Generator().manual_seed(1))
+    for transposed in (False, True):
+        m = KbitLinear.from_quantized(quantize(w, Spec(5, 64, "nf", double_quant=True)), transposed=transposed)
+        x = torch.randn(3, m.in_features)
+        one = m.packed_weight().matmul(lib, x, threads=1)
+        pw = m.packed_weight()
+        pw.threads_cap = 4
+        assert torch.equal(pw.matmul(lib, x, threads=4), one)
+        check(m, lib, 3, threads=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_uses_kernel_and_matches_slab_path(weights, lib, dtype, monkeypatch):
+    """KbitLinear.forward: batch 1 and a small batch go through the kernel, a batch past the crossover through
+    the slabs; both agree with the slab path (KBIT_KERNEL=0), bias included, in fp32 and bf16."""
+    bias = torch.randn(64)
+    m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(4, 64, "nf", double_quant=True)), bias=bias)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in ((1, 1, 172), (2, 3, 172), (1, m.kernel_max_rows() + 5, 172)):
+        x = torch.randn(shape).to(dtype)
+        assert (m._use_kernel(x) is not None) == (x.numel() <= m.kernel_max_rows() * 172)
+        with torch.no_grad():
+            fused = m(x)
+            monkeypatch.setenv("KBIT_KERNEL", "0")
+            assert m._use_kernel(x) is None
+            slab = m(x)
+            monkeypatch.delenv("KBIT_KERNEL")
+        assert fused.dtype == dtype and fused.shape == slab.shape == (*shape[:-1], 64)
+        assert (fused.float() - slab.float()).abs().max() <= tol * slab.float().abs().max()
+
+
+def test_autograd_keeps_the_slab_path(weights):
+    m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(4, 64, "nf")))
+    x = torch.randn(1, 172, requires_grad=True)
+    assert m._use_kernel(x) is None  # finetuning needs the graph: torch's path
+    m(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_portable_build_matches(weights, tmp_path):
+    """The non-AVX-512 loop (what a CPU without VBMI gets) computes the same result."""
+    path = matvec.build(extra_flags=("-DKBIT_PORTABLE",), directory=str(tmp_path))
+    portable = matvec.load(path)
+    assert portable.kbit_has_simd() == 0
+    for bits in (3, 4, 8):
+        m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(bits, 64, "dynamic", double_quant=True)))
+        check(m, portable, 5)
+        check(KbitLinear.from_quantized(quantize(weights[W_UP], Spec(bits, 64, "int")), transposed=True), portable, 2)
+
+
+def test_build_is_cached_and_failure_falls_back(tmp_path):
+    path = matvec.build(directory=str(tmp_path))
+    assert os.path.basename(path).startswith("kbit_matmul-") and os.listdir(tmp_path) == [os.path.basename(path)]
+    mtime = os.path.getmtime(path)
+    assert matvec.build(directory=str(tmp_path)) == path and os.path.getmtime(path) == mtime  # not rebuilt
+    with pytest.raises(RuntimeError, match="failed"):
+        matvec.build(cc="/bin/false", directory=str(tmp_path / "x"))
+    assert not [f for f in os.listdir(tmp_path / "x") if f.endswith(".so")]  # nothing half-written left behind
+
+
+def test_no_compiler_warns_once_and_generates(stories_dir, tmp_path):
+    """A fresh process with no usable compiler: one warning on stderr, and a k-bit model still runs."""
+    code = ("import torch\nfrom kbitcli.core.blockwise import Spec, quantize\n"
+            "from kbitcli.models.kbit_linear import KbitLinear\n"
+            "m = KbitLinear.from_quantized(quantize(torch.randn(64, 172), Spec(4, 64, 'nf')))\n"
+            "x = torch.randn(1, 172)\n"
+            "a, b = m(x), m(x)\n"
+            "assert torch.allclose(a, x @ m.dequantize_weight().t(), atol=1e-4)\nprint('ok')\n")
+    env = dict(os.environ, CC="/nonexistent/cc", KBIT_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok" and r.stderr.count("fused k-bit kernel unavailable") == 1
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(env, KBIT_KERNEL="0"))
+    assert r.returncode == 0 and "unavailable" not in r.stderr  # switched off on purpose: silent

@@ -257,9 +257,10 @@ class ModelEvaluator:
         """A `kbit plan` mix for `budget` bits per quantized parameter (Fisher-weighted with the study's calib,
         data-free without), evaluated like any cell and marked dtype 'plan', k = the budget."""
         from kbitcli.allocate.planner import plan
+        from kbitcli.allocate.write import parse_back
 
         p = plan(self.path, str(budget), recipe=base_recipe, calib=self.calib)
-        recipe = from_dict(read_yaml_text(p["recipe_yaml"]), f"plan {budget}")
+        recipe = parse_back(p["recipe_yaml"], f"plan {budget}")
         cell = self.cell(recipe)
         cell.update(bits=budget, block_size="mixed", dtype="plan", double_quant=True, method="rtn",
                     plan_sensitivity=p["sensitivity"])
@@ -280,12 +281,6 @@ class ModelEvaluator:
                 "block_size": recipe.block_size, "dtype": recipe.dtype, "double_quant": recipe.double_quant,
                 "scale_search": recipe.scale_search, "method": recipe.method, "total_bits": s["bytes_out"] * 8, "params": s["params"], "bits_per_param_model": s["bytes_out"] * 8 / s["params"],
                 "bits_per_param": s["bits_per_param_quantized"], **m, "seconds": round(time.time() - t0, 3)}
-
-
-def read_yaml_text(text: str):
-    from kbitcli import safe_yaml
-
-    return safe_yaml.load(text, "plan")
 
 
 def parse_plans(text: str | None) -> list[float]:

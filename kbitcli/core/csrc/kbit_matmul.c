@@ -197,36 +197,34 @@ static inline __attribute__((always_inline)) void row_axpy(const kbit_weight *w,
 #else
 /* portable path: one code at a time (the compiler vectorises what it can) */
 typedef int simd_ctx;
+/* BODY runs once per stored weight p in [P0, P1) with its decoded value V (codebook entry times block scale);
+ * the scale is looked up once per block segment, blocks may start mid-row */
+#define FOR_EACH_WEIGHT(w, k, P0, P1, p, V, BODY)                                   \
+    for (int64_t p = (P0), end_ = (P1); p < end_;) {                                \
+        int64_t b_ = p / (w)->block, seg_ = (b_ + 1) * (w)->block;                  \
+        if (seg_ > end_) seg_ = end_;                                               \
+        float sc_ = block_scale((w), b_);                                           \
+        for (; p < seg_; p++) {                                                     \
+            float V = (w)->codebook[code_at((w)->codes, p, (k))] * sc_;             \
+            BODY;                                                                   \
+        }                                                                           \
+    }
 static inline void row_dot(const kbit_weight *w, const simd_ctx *s, int64_t r, const float *x, int64_t ldx,
                            float *out, int64_t ldo, const int mc, const int k) {
     (void)s;
     float acc[8] = {0};
-    int64_t start = r * w->cols, p = start, end = start + w->cols;
-    while (p < end) {
-        int64_t b = p / w->block, seg_end = (b + 1) * w->block;
-        if (seg_end > end) seg_end = end;
-        float sc = block_scale(w, b);
-        for (; p < seg_end; p++) {
-            float v = w->codebook[code_at(w->codes, p, k)] * sc;
-            for (int mi = 0; mi < mc; mi++) acc[mi] += v * x[mi * ldx + (p - start)];
-        }
-    }
+    int64_t start = r * w->cols;
+    FOR_EACH_WEIGHT(w, k, start, start + w->cols, p, v,
+                    for (int mi = 0; mi < mc; mi++) acc[mi] += v * x[mi * ldx + (p - start)]);
     for (int mi = 0; mi < mc; mi++) out[mi * ldo] = acc[mi];
 }
 
 static inline void row_axpy(const kbit_weight *w, const simd_ctx *s, int64_t r, const float *x, int64_t ldx,
                             float *y, int64_t ldy, int64_t c0, int64_t c1, const int mc, const int k) {
     (void)s;
-    int64_t start = r * w->cols, p = start + c0, end = start + c1;
-    while (p < end) {
-        int64_t b = p / w->block, seg_end = (b + 1) * w->block;
-        if (seg_end > end) seg_end = end;
-        float sc = block_scale(w, b);
-        for (; p < seg_end; p++) {
-            float v = w->codebook[code_at(w->codes, p, k)] * sc;
-            for (int mi = 0; mi < mc; mi++) y[mi * ldy + (p - start)] += v * x[mi * ldx + r];
-        }
-    }
+    int64_t start = r * w->cols;
+    FOR_EACH_WEIGHT(w, k, start + c0, start + c1, p, v,
+                    for (int mi = 0; mi < mc; mi++) y[mi * ldy + (p - start)] += v * x[mi * ldx + r]);
 }
 #define CTX_DECL simd_ctx ctx = 0; const simd_ctx *s = &ctx;
 #endif

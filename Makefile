@@ -7,7 +7,7 @@ KBIT   := $(VENV)/bin/kbit
 MODEL  := kbitcli/assets/stories260K
 OUT    := out
 
-.PHONY: install install-test demo test bench bench-quality clean
+.PHONY: install install-test demo test test-engines bench bench-quality clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest
+
+# the GGUF files kbit writes, run by llama.cpp itself (too slow for CI: the first run builds llama-cpp-python
+# from source, tens of minutes on 2 cores): loads, tokenization vs transformers, logits vs kbit's own decode
+test-engines: install-test
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) llama-cpp-python==0.3.36
+	test -f $(OUT)/smollm2-dense/config.json || $(PY) benchmarks/smollm2_dense.py $(OUT)/smollm2-dense
+	$(PY) benchmarks/engines_check.py $(MODEL):Q8_0 $(MODEL):Q4_0 $(OUT)/smollm2-dense:Q4_0 $(OUT)/smollm2-dense:Q8_0
 
 bench: install-test
 	$(PY) benchmarks/core_throughput.py

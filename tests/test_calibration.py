@@ -169,6 +169,41 @@ def test_bench_ppl_baseline_scores_a_finished_checkpoint(stories_dir, tinystorie
     assert_bad_input(cli("bench", "ppl", dst, "--text", tinystories_text, "--baseline", dst), "--baseline")
 
 
+def test_coordinate_descent_never_raises_output_error(stories_dir):
+    """The sweep after GPTQ only takes moves that lower the layer's output error, so every row's error is at
+    most GPTQ's own and the total is lower: kbit's nf3 grid on a row-aligned and a ragged weight (rows of 172,
+    blocks of 64 spanning two rows), and GGUF's Q4_1 grid, whose blocks carry an offset."""
+    from safetensors.torch import load_file
+
+    from kbitcli.core.gptq import gptq
+    from kbitcli.formats import gguf_grid
+
+    w = load_file(os.path.join(stories_dir, "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for name, grid_of in (("model.layers.2.mlp.up_proj.weight", None), ("model.layers.2.mlp.down_proj.weight", None),
+                          ("model.layers.2.mlp.up_proj.weight", "Q4_1")):
+        W = w[name].float()
+        cols = W.shape[1]
+        X = torch.randn(2048, cols, generator=g) @ (torch.randn(cols, cols, generator=g) / 8 + torch.eye(cols))
+        H = 2 * X.T @ X / X.shape[0]
+        if grid_of is None:
+            from kbitcli.core.kbit_grid import KbitGrid
+
+            grid, block = KbitGrid(W, Spec(3, 64, "nf", False, "fp16", 1), name, 1).grid, 64
+        else:
+            grid, block = gguf_grid.grid(grid_of, 1), 32
+        Hd = H + 0.01 * torch.diagonal(H).mean() * torch.eye(cols)  # the dampened H both passes minimise
+        errs = []
+        for refine in (0, 1):
+            codes, scale, offset = gptq(W, H, block, grid, refit=False, refine=refine)
+            nb = scale.numel()
+            q = grid.values(codes.view(nb, block) if W.numel() % block == 0 else codes, scale[:, None], offset)
+            R = W - q.reshape(W.shape)
+            errs.append(((R @ Hd) * R).sum(1))
+        assert (errs[1] <= errs[0] * (1 + 1e-5) + 1e-6).all(), name
+        assert errs[1].sum() < 0.99 * errs[0].sum(), (name, errs[1].sum(), errs[0].sum())
+
+
 def test_calibration_bad_input(stories_dir, halves, tmp_path):
     calib, _ = halves
     dst = str(tmp_path / "x")

@@ -125,6 +125,7 @@ def test_keeping_a_tensor_dense_is_shown_in_the_plan(stories_dir, tmp_path):
     assert rows["model.layers.0.mlp.up_proj.weight"]["data_type"] == "Q4_0"
     assert rows["model.layers.0.mlp.up_proj.weight"]["gguf_name"] == "blk.0.ffn_up.weight"
     assert rows["model.layers.0.mlp.up_proj.weight"]["bits_per_param"] == 4.5
+    assert any(n.startswith("tokenizer: 'llama'") and "512 tokens" in n for n in r["notes"])  # SentencePiece-style
     assert not os.path.exists(tmp_path / "x.gguf")
 
 

@@ -79,6 +79,20 @@ def test_blocks_that_do_not_fit_rows_or_vectors(weights, lib, block):
         check(KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(bits, block, "fp")), transposed=True), lib, 2)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_rows_of_whole_blocks(lib, bits):
+    """The straight walk for rows that are whole power-of-two blocks (the usual layer): blocks of 16 to 256, a row
+    longer than one pass of the kernel's scale table (516 blocks of 16), 1, 2 and 9 rows of x (4, 2 and 1
+    accumulators per row), computed and looked-up codebooks."""
+    g = torch.Generator().manual_seed(bits)
+    dtype = "int" if bits in (6, 8) else "nf"
+    for shape, block in (((96, 128), 16), ((40, 256), 64), ((24, 512), 256), ((3, 16 * 516), 16)):
+        w = torch.randn(shape, generator=g)
+        m = KbitLinear.from_quantized(quantize(w, Spec(bits, block, dtype, double_quant=bits % 2 == 1)))
+        for rows in (1, 2, 9):
+            check(m, lib, rows, seed=rows)
+
+
 def test_threads_agree_on_a_large_layer(lib):
     """A layer big enough to be cut into chunks for several threads gives what one thread gives, bit for bit."""
     w = torch.randn(700, 300, generator=torch.Generator().manual_seed(1))

@@ -247,7 +247,7 @@ def test_block_bigger_than_a_tensor_can_be_fixed_per_tensor(stories_dir):
 
 # every encode recipe in recipes/ and the model it is meant for
 SHIPPED = {"llama-nf4.yaml": "stories", "aggressive-3bit.yaml": "stories", "int8.yaml": "stories",
-           "bert-nf4.yaml": "minilm"}
+           "llama-nf4-emb8.yaml": "stories", "bert-nf4.yaml": "minilm"}
 
 
 def test_every_encode_recipe_is_listed_here():
@@ -267,17 +267,23 @@ def test_llama_recipes_encode_stories(name, stories_dir, tmp_path):
 
     r = load_recipe(os.path.join(RECIPES, name))
     out = encode(stories_dir, str(tmp_path / "q"), r)
-    assert out["quantized_tensors"] == 35
+    assert out["quantized_tensors"] == (36 if name == "llama-nf4-emb8.yaml" else 35)  # + the embedding
     ck = KbitCheckpoint(str(tmp_path / "q"))
     bits = {ck.meta[n]["bits"] for n in ck.names if ck.is_quantized(n)}
-    expect = {"llama-nf4.yaml": ({4}, 4.13), "aggressive-3bit.yaml": ({3, 4}, 3.6), "int8.yaml": ({8}, 8.25)}[name]
+    expect = {"llama-nf4.yaml": ({4}, 4.13), "aggressive-3bit.yaml": ({3, 4}, 3.6), "int8.yaml": ({8}, 8.25),
+              "llama-nf4-emb8.yaml": ({4, 8}, 4.64)}[name]
     assert bits == expect[0] and out["bits_per_param_quantized"] == pytest.approx(expect[1], abs=0.01)
     decode(str(tmp_path / "q"), str(tmp_path / "d"))
     sd, orig = load_file(str(tmp_path / "d" / "model.safetensors")), load_file(os.path.join(stories_dir, "model.safetensors"))
     assert sd.keys() == orig.keys()
     w, q = orig["model.layers.2.mlp.up_proj.weight"], sd["model.layers.2.mlp.up_proj.weight"]
     cos = torch.nn.functional.cosine_similarity(w.reshape(-1), q.reshape(-1), dim=0)
-    assert cos > {"int8.yaml": 0.9999, "llama-nf4.yaml": 0.99, "aggressive-3bit.yaml": 0.97}[name]
+    floor = {"int8.yaml": 0.9999, "llama-nf4.yaml": 0.99, "aggressive-3bit.yaml": 0.97, "llama-nf4-emb8.yaml": 0.99}
+    assert cos > floor[name]
+    if name == "llama-nf4-emb8.yaml":  # the 8-bit embedding decodes close to the original table
+        e, qe = orig["model.embed_tokens.weight"], sd["model.embed_tokens.weight"]
+        assert not torch.equal(e, qe)
+        assert torch.nn.functional.cosine_similarity(e.reshape(-1), qe.reshape(-1), dim=0) > 0.9999
 
 
 def test_aggressive_3bit_keeps_the_sensitive_layers_at_4_bits(stories_dir):

@@ -160,8 +160,8 @@ def scored_logprobs(model, batch: list[Window]) -> tuple[torch.Tensor, torch.Ten
 
 
 def vocab_size(model) -> int:
-    return int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
-        else int(model.config.vocab_size)
+    head = model.get_output_embeddings()  # a k-bit lm_head (KbitLinear) has out_features but no .weight
+    return int(head.out_features) if head is not None else int(model.config.vocab_size)
 
 
 class CausalReference:

@@ -31,6 +31,7 @@ class Calibration:
     seq_len: int | None = None  # default: min(512, the model's positions)
     true_sequential: bool = True  # calibrate q/k/v, then o, then gate/up, then down, each on quantized inputs
     asymmetric: bool = False  # GPTQ targets the dense model's layer outputs (GPTAQ), not the quantized stream's
+    refine: int = 1  # coordinate-descent sweeps after GPTQ (core/gptq.coordinate_descent); 0: plain GPTQ
 
     def check(self) -> None:
         if not os.path.isfile(self.path):
@@ -39,6 +40,8 @@ class Calibration:
             raise bad_input(f"--calib-tokens {self.tokens!r}: must be an integer of at least 16")
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and 0 < self.damp <= 1):
             raise bad_input(f"--damp {self.damp!r}: must be a number in (0, 1], e.g. 0.01")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or not 0 <= self.refine <= 8:
+            raise bad_input(f"refine {self.refine!r}: must be an integer from 0 (plain GPTQ) to 8 sweeps")
         if self.seq_len is not None and self.seq_len < 2:
             raise bad_input(f"--calib-seq {self.seq_len}: must be at least 2 tokens")
 
@@ -48,7 +51,8 @@ class Calibration:
             digest = hashlib.sha256(fh.read()).hexdigest()
         return {"file": os.path.basename(self.path), "sha256": digest, "tokens_asked": self.tokens,
                 "tokens_used": used_tokens, "windows": windows, "seq_len": seq_len, "seed": self.seed,
-                "damp": self.damp, "act_order": self.act_order, "true_sequential": self.true_sequential, "asymmetric": self.asymmetric}
+                "damp": self.damp, "act_order": self.act_order, "true_sequential": self.true_sequential, "asymmetric": self.asymmetric,
+                "refine": self.refine}
 
 
 def read_calibration_text(path: str) -> str:

@@ -183,7 +183,7 @@ def _quantize(w: torch.Tensor, t, stats, calib: Calibration):
         else:
             H, n = stats
         return quantize_gptq(w, spec, t.name, H / n * 2, damp=calib.damp, act_order=calib.act_order,
-                             candidates=spec.scale_search)
+                             candidates=spec.scale_search, refine=calib.refine)
     H, n = stats[0], stats[-1]  # importance-weighted RTN: imatrix = E[x_j^2] (the diagonal of a full X^T X)
     importance = torch.diagonal(H) if H.dim() == 2 else H
     return quantize_weighted(w, spec, t.name, importance / n, spec.scale_search)

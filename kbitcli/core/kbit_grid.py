@@ -70,13 +70,14 @@ def as_matrix(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
 
 
 def quantize_gptq(w: torch.Tensor, spec: Spec, name: str, H: torch.Tensor, *, damp: float = 0.01,
-                  act_order: bool = False, candidates: int = 1, refit: bool = True) -> QuantizedTensor:
+                  act_order: bool = False, candidates: int = 1, refit: bool = True, refine: int = 1) -> QuantizedTensor:
     """GPTQ for one weight [out, in...] (conv weights flattened to [out, in*kh*kw]); H over its inputs."""
     g = KbitGrid(w, spec, name, candidates)
     W = w.reshape(w.shape[0], -1)
     if H.shape[0] != W.shape[1]:
         raise ValueError(f"{name}: Hessian {tuple(H.shape)} does not fit weight {tuple(W.shape)}")
-    codes, scale, _ = gptq(W, H, spec.block_size, g.grid, damp=damp, act_order=act_order, refit=refit)
+    codes, scale, _ = gptq(W, H, spec.block_size, g.grid, damp=damp, act_order=act_order, refit=refit,
+                          refine=refine)
     return g.to_quantized(w, codes, scale)
 
 

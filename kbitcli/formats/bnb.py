@@ -167,7 +167,7 @@ def calibrated_4bit(w: torch.Tensor, t, H: torch.Tensor, n: int, calib) -> tuple
     if s.dtype == "nf":
         if gptq_method:
             qt = quantize_gptq(w, s, t.name, H / n * 2, damp=calib.damp, act_order=calib.act_order,
-                               candidates=s.scale_search)
+                               candidates=s.scale_search, refine=calib.refine)
         else:
             qt = quantize_weighted(w, s, t.name, H / n, s.scale_search)
     else:
@@ -176,7 +176,8 @@ def calibrated_4bit(w: torch.Tensor, t, H: torch.Tensor, n: int, calib) -> tuple
         g.table, g.grid = table, Grid(table, g.rounding, candidates=s.scale_search)
         W = w.reshape(w.shape[0], -1).float()
         if gptq_method:
-            idx, scale, _ = gptq(W, H / n * 2, s.block_size, g.grid, damp=calib.damp, act_order=calib.act_order)
+            idx, scale, _ = gptq(W, H / n * 2, s.block_size, g.grid, damp=calib.damp, act_order=calib.act_order,
+                                 refine=calib.refine)
         else:
             idx, scale, _ = rtn(W, s.block_size, g.grid, H / n)
         qt = g.to_quantized(w, code_of[idx], scale)

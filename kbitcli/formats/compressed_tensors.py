@@ -141,7 +141,7 @@ def calibrated_int(w: torch.Tensor, t, H: torch.Tensor, n: int, calib) -> tuple:
     s = t.spec
     if s.method == "gptq":
         qt = quantize_gptq(w, s, t.name, H / n * 2, damp=calib.damp, act_order=calib.act_order,
-                           candidates=s.scale_search)
+                           candidates=s.scale_search, refine=calib.refine)
     else:
         qt = quantize_weighted(w, s, t.name, H / n, s.scale_search)
     return qt, dequantize(qt, torch.float32)

@@ -11,14 +11,13 @@ which writes it F32/F16/BF16 as stored — llama.cpp runs mixed-type files.
 The file carries what llama.cpp needs for a Llama model, named as convert_hf_to_gguf.py names it:
 `general.architecture = llama`, `llama.context_length`, `.embedding_length`, `.block_count`,
 `.feed_forward_length`, `.attention.head_count(_kv)`, `.rope.freq_base`, `.rope.dimension_count`,
-`.attention.layer_norm_rms_epsilon`, `.vocab_size`, the tokenizer (`tokenizer.ggml.*`, from tokenizer.json),
+`.attention.layer_norm_rms_epsilon`, `.vocab_size`, the tokenizer (`tokenizer.ggml.*`: formats/gguf_vocab.py),
 and tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), with q/k rows permuted as llama.cpp's
 rotary embedding expects them. The reader (GgufCheckpoint, formats/gguf_reader.py) undoes all of it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -27,7 +26,7 @@ import torch
 
 from kbitcli import __version__
 from kbitcli.errors import bad_input
-from kbitcli.formats import gguf_grid
+from kbitcli.formats import gguf_grid, gguf_vocab
 from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse,
                                            require_folder, result_dict, who)
 from kbitcli.io import manifest as manifests
@@ -168,50 +167,6 @@ def type_bytes(qtype: str, shape) -> int:
     return math.prod(shape) // block * size
 
 
-# ---- tokenizer -------------------------------------------------------------------------------------------
-
-def vocab(folder: str, config: dict, n_vocab: int) -> dict | None:
-    """tokens / scores / types of a SentencePiece-style (byte-fallback BPE) tokenizer.json, as llama.cpp's
-    'llama' tokenizer wants them. SentencePiece lists pieces in score order, so a normal piece's score is minus
-    its rank among normal pieces (what tokenizer.model stores); control/byte/unknown pieces score 0. Rows of the
-    embedding past the tokenizer's end get [PADn] tokens of type UNUSED, as convert_hf_to_gguf.py writes them."""
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        tj = json.load(fh)
-    model = tj.get("model", {})
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        return None
-    by_id = {i: t for t, i in model["vocab"].items()}
-    for a in tj.get("added_tokens", []):
-        by_id[a["id"]] = a["content"]
-    special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
-    n = max(max(by_id) + 1, n_vocab)
-    tokens, scores, types, rank = [], [], [], 0
-    for i in range(n):
-        tok = by_id.get(i, f"[PAD{i}]")
-        if i not in by_id:
-            kind, score = 5, 0.0
-        elif tok == model.get("unk_token"):
-            kind, score = 2, 0.0
-        elif i in special:
-            kind, score = 3, 0.0
-        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-            kind, score = 6, 0.0
-        else:
-            kind, score, rank = 1, -float(rank), rank + 1
-        tokens.append(tok)
-        scores.append(score)
-        types.append(kind)
-    post = json.dumps(tj.get("post_processor") or {})
-    ids = {k: config.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in ids.items()}  # some configs list several eos
-    ids["unk"] = model["vocab"].get(model.get("unk_token")) if model.get("unk_token") else None
-    add_bos = ids["bos"] is not None and by_id.get(ids["bos"], "\0") in post
-    return {"tokens": tokens, "scores": scores, "types": types, "ids": ids, "add_bos": add_bos}
-
-
 # ---- export -------------------------------------------------------------------------------------------
 
 def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, force: bool, dry_run: bool, progress,
@@ -236,9 +191,8 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
         qtype = type_for(t.spec.bits, variant) if t.quantized else dense_type(t)
         items.append(Item(t, [(names[t.name], torch.uint8, (type_bytes(qtype, t.shape),))], qtype,
                           {"qtype": qtype, "gguf_name": names[t.name]}, {"gguf_name": names[t.name]}))
-    voc = vocab(src.path, src.config, cfg.vocab_size)
-    notes = [] if voc else ["no SentencePiece-style tokenizer.json found: the GGUF carries no tokenizer, so llama.cpp "
-                            "needs one supplied separately"]
+    voc = gguf_vocab.vocab(src.path, src.config, cfg.vocab_size)  # refuses an unknown pre-tokenizer up front
+    notes = [gguf_vocab.describe(voc)]
     if len(tensors) < len(plan.tensors):
         notes.append("rotary_emb.inv_freq buffers are not written (llama.cpp recomputes them)")
     result = result_dict("gguf", src_path, dst, dry_run, plan_view, items, recipe_info, notes=notes)
@@ -251,7 +205,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
 
     def quantizer(w, t, H, n, c):
         return gguf_grid.quantize(w, qtypes[t.name], H, n, method=t.spec.method, candidates=t.spec.scale_search,
-                                  damp=c.damp, act_order=c.act_order, name=t.name)
+                                  damp=c.damp, act_order=c.act_order, refine=c.refine, name=t.name)
 
     with spill_for(calib, dst) as spill, AtomicOutput(dst, folder=False, force=force) as out:
         result["calibration"] = calibrate(src, src_path, plan_view, calib, spill, progress, quantizer, "gguf")
@@ -278,16 +232,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_vocab_size(cfg.vocab_size)
         if voc:
-            w.add_tokenizer_model("llama")
-            w.add_tokenizer_pre("default")
-            w.add_token_list(voc["tokens"])
-            w.add_token_scores(voc["scores"])
-            w.add_token_types(voc["types"])
-            for key, tid in voc["ids"].items():
-                if tid is not None:
-                    getattr(w, f"add_{key}_token_id")(int(tid))
-            w.add_add_bos_token(voc["add_bos"])
-            w.add_add_eos_token(False)
+            gguf_vocab.write(w, voc)
         for i in items:
             shape = (*i.plan.shape[:-1], type_bytes(i.extra["qtype"], i.plan.shape[-1:]))  # byte shape, same rank
             w.add_tensor_info(names[i.name], shape, np.dtype(np.uint8), i.out_bytes(),

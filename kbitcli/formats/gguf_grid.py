@@ -100,7 +100,7 @@ def values(qtype: str, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
 
 
 def quantize(w: torch.Tensor, qtype: str, H: torch.Tensor, n: int, *, method: str, candidates: int = 1,
-             damp: float = 0.01, act_order: bool = False, name: str = "tensor") -> tuple[dict, torch.Tensor]:
+             damp: float = 0.01, act_order: bool = False, refine: int = 1, name: str = "tensor") -> tuple[dict, torch.Tensor]:
     """One weight [rows, cols] (cols a multiple of 32) on the GGUF grid. method 'gptq': H = sum x x^T over n
     tokens (GPTQ's Hessian is 2 H / n); 'rtn': H = sum x^2 (importance E[x^2] weighs the scale search).
     Returns ({codes u8 [rows, cols], d fp16 [rows, cols/32][, m fp16 [rows, cols/32]]}, dequantized fp32 w)."""
@@ -112,7 +112,7 @@ def quantize(w: torch.Tensor, qtype: str, H: torch.Tensor, n: int, *, method: st
     W = w.reshape(rows, cols).float()
     g = grid(qtype, candidates)
     if method == "gptq":
-        codes, scale, offset = gptq(W, H / n * 2, BLOCK, g, damp=damp, act_order=act_order)
+        codes, scale, offset = gptq(W, H / n * 2, BLOCK, g, damp=damp, act_order=act_order, refine=refine)
     else:
         codes, scale, offset = rtn(W, BLOCK, g, H / n)
     if not torch.isfinite(scale).all() or (offset is not None and not torch.isfinite(offset).all()):

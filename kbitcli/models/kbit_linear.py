@@ -164,13 +164,21 @@ class KbitLinear(nn.Module):
 
     # ---- compute --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.float32 and self.compute_dtype in (None, torch.float32):
+            # fp32 at batch 1 (token-by-token decode: ~200 calls a token) goes straight to the kernel, with no
+            # dtype round trips: what _forward computes, in fewer torch calls
+            lib = self._use_kernel(x)
+            if lib is not None:
+                out = self.packed_weight().matmul(lib, x)
+                return out if self.bias is None else out.add_(self.bias)
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         return self._forward(x.to(dtype), dtype).to(in_dtype)
 
     def packed_weight(self) -> matvec.PackedWeight:
         """The kernel's view of this module's buffers (rebuilt when a buffer was replaced, e.g. by .to())."""
-        key = (self.codes.data_ptr(), self.scales.data_ptr(), self.codebook.data_ptr())
+        b = self._buffers  # not self.codes: nn.Module's __getattr__ costs ~0.3 us a lookup, on every forward
+        key = (b["codes"].data_ptr(), b["scales"].data_ptr(), b["codebook"].data_ptr())
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
             dq = _scale_table(self.scales.device) if self.scales_absmax is not None else None
@@ -184,7 +192,7 @@ class KbitLinear(nn.Module):
 
     def _use_kernel(self, x: torch.Tensor):
         """The kernel library when it should compute this forward, else None."""
-        if x.device.type != "cpu" or x.numel() > self.kernel_max_rows() * self.in_features:
+        if not x.is_cpu or x.numel() > KERNEL_MAX_ROWS.get(self.spec.bits, 0) * self.in_features:
             return None
         if x.requires_grad:  # finetuning (also under FrozenKbitMatmul's no_grad forward): keep the slab path
             return None

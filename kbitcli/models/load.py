@@ -2,8 +2,9 @@
 
 For a kbit checkpoint the transformers model is built from config.json with every parameter on the `meta`
 device (buffers such as rotary tables stay real, so they keep their computed values); then each module whose
-weight is quantized is replaced by a KbitLinear holding the packed codes, and the dense tensors are assigned
-in place. No full-precision copy of a quantized weight is ever allocated.
+weight is quantized is replaced by a KbitLinear holding the packed codes (a quantized nn.Embedding table by a
+KbitEmbedding, and an output layer tied to it by a KbitLinear over the same tensors), and the dense tensors are
+assigned in place. No full-precision copy of a quantized weight is ever allocated.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kbitcli.formats.registry import detect, open_reader
 from kbitcli.hf import load_tokenizer, model_class, name_mapper, params_on_meta, read_config
 from kbitcli.io.dtypes import parse_float
 from kbitcli.io.folder import missing_path_error
+from kbitcli.models.kbit_embedding import KbitEmbedding, tie_output
 from kbitcli.models.kbit_linear import KbitLinear, share_tables
 
 
@@ -40,6 +42,8 @@ def load_model(path: str, *, dtype=None, device="cpu", model_cls=None, tokenizer
             return model.to(device).eval(), tok
         model = _load_dense(path, dt, model_cls)
     model.to(device).eval()
+    for out_name, emb_name in getattr(model, "kbit_info", {}).get("tied", {}).items():  # .to() copies them apart
+        tie_output(model.get_submodule(out_name), model.get_submodule(emb_name))
     share_tables(m for m in model.modules() if isinstance(m, KbitLinear))  # .to() copies shared tables apart
     return model, (load_tokenizer(path) if tokenizer else None)
 
@@ -129,7 +133,12 @@ def _load_kbit(path: str, dtype, model_cls):
                 consumed.add(src_bias)
             model.set_submodule(module_name, KbitLinear.from_quantized(qt, bias, transposed=isinstance(module, Conv1D)))
             replaced.append(module_name)
-        else:  # e.g. a quantized embedding: no k-bit module for it, so it alone is decoded to a dense tensor
+        elif leaf == "weight" and type(module) is nn.Embedding and module.max_norm is None and len(qt.shape) == 2:
+            # a plain lookup table only: a subclass may do more in forward (e.g. scale by sqrt(dim)), so it
+            # takes the dense fallback below
+            model.set_submodule(module_name, KbitEmbedding.from_quantized(qt, module.padding_idx, dtype or qt.orig_dtype))
+            replaced.append(module_name)
+        else:  # e.g. a quantized conv or embedding subclass: no k-bit module for it, so it alone is decoded dense
             state[target] = ck.tensor(name, dtype or qt.orig_dtype)
             dense_fallback.append(name)
         consumed.add(name)
@@ -147,12 +156,23 @@ def _load_kbit(path: str, dtype, model_cls):
         state[target] = dense(name)
     model.load_state_dict(state, strict=False, assign=True)
 
-    # tie what the config ties, except where one side became a KbitLinear (then both sides were stored)
+    # tie what the config ties, except where one side became a k-bit module: an output layer the checkpoint does
+    # not store, tied to a k-bit embedding, becomes a KbitLinear over the embedding's own tensors; otherwise both
+    # sides were stored and each keeps its own
     kbit_weights = {f"{n}.weight" for n in replaced}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
+    tied_kbit = {}
     for target, source in list(tied.items()):
         if target in kbit_weights or source in kbit_weights:
             tied.pop(target)
+            out_name, src_name = target.rpartition(".")[0], source.rpartition(".")[0]
+            out, src = model.get_submodule(out_name), model.get_submodule(src_name)
+            if isinstance(src, KbitEmbedding) and isinstance(out, nn.Linear) and out.weight.device.type == "meta":
+                bias = out.bias if out.bias is not None and out.bias.device.type != "meta" else None
+                if out.bias is not None and bias is None:
+                    raise bad_input(f"{path}: {out_name} has a bias but the checkpoint holds no {out_name}.bias")
+                model.set_submodule(out_name, src.tied_linear(bias))
+                tied_kbit[out_name] = src_name
     missing = {k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
     model.tie_weights(missing_keys=missing, recompute_mapping=False)
     still = [k for k, v in model.named_parameters() if v.device.type == "meta"]
@@ -165,7 +185,7 @@ def _load_kbit(path: str, dtype, model_cls):
     if os.path.exists(gen) and getattr(model, "generation_config", None) is not None:
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.kbit_info = {"quantization_config": quant, "kbit_modules": replaced, "dense_fallback": dense_fallback,
-                       "unexpected": unexpected}
+                       "unexpected": unexpected, "tied": tied_kbit}
     return model
 
 
@@ -174,9 +194,11 @@ def kbit_modules(model: nn.Module) -> dict[str, KbitLinear]:
 
 
 def weight_memory(model: nn.Module) -> dict:
-    """Resident bytes of the model's tensors (each tensor once): total, and the part in KbitLinear modules."""
+    """Resident bytes of the model's tensors (each tensor once): total, and the part in k-bit modules
+    (KbitLinear, KbitEmbedding)."""
     seen, total, kbit = set(), 0, 0
-    owners = {id(t) for m in kbit_modules(model).values() for t in list(m.buffers()) + list(m.parameters())}
+    mods = [m for m in model.modules() if isinstance(m, (KbitLinear, KbitEmbedding))]
+    owners = {id(t) for m in mods for t in list(m.buffers()) + list(m.parameters())}
     for t in list(model.parameters()) + list(model.buffers()):
         key = (t.data_ptr(), t.device)
         if key in seen or t.device.type == "meta":

@@ -129,8 +129,33 @@ def test_keeping_a_tensor_dense_is_shown_in_the_plan(stories_dir, tmp_path):
     assert not os.path.exists(tmp_path / "x.gguf")
 
 
+def test_rows_no_block_type_holds_are_planned_f16(stories_dir, tmp_path):
+    """stories260K's FFN rows of 172 (not a multiple of 32) are written F16, shown in the plan before any work
+    (their rule and a note naming the override that keeps them as stored), and read back as the fp16 weights."""
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    dst = str(tmp_path / "x.gguf")
+    recipe = Recipe(bits=4, block_size=32, dtype="int", scale_search=1)
+    r = encode(stories_dir, dst, recipe, fmt="gguf", dry_run=True)
+    rows = {p["name"]: p for p in r["plan"]}
+    down = rows["model.layers.0.mlp.down_proj.weight"]
+    assert "F16" in (down["dtype"], down.get("data_type")) and "not a multiple of 32" in down["rule"], down
+    assert rows["model.layers.0.mlp.up_proj.weight"]["data_type"] == "Q4_0"
+    assert any("rows of 172" in n and "F16" in n and "=skip" in n for n in r["notes"]), r["notes"]
+    assert not os.path.exists(dst)
+    encode(stories_dir, dst, recipe, fmt="gguf")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(dst).tensors}
+    assert [types[f"blk.{i}.ffn_down.weight"] for i in range(5)] == ["F16"] * 5
+    assert types["blk.0.ffn_up.weight"] == "Q4_0"
+    from kbitcli.models.load import load_model
+
+    m, _ = load_model(dst, dtype="fp32", tokenizer=False)
+    w = load_file(os.path.join(stories_dir, "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(m.model.layers[0].mlp.down_proj.weight, w.half().float())
+
+
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(recipe=Recipe(bits=4, block_size=32, dtype="int", scale_search=1)), ["rows of 172", "=skip"]),
     (dict(recipe=Recipe(bits=4, block_size=64, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN])),
      ["Q4_0 uses blocks of 32", "--block-size 32"]),
     (dict(recipe=Recipe(bits=3, block_size=32, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN])),

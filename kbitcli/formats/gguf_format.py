@@ -4,9 +4,10 @@ GGUF's legacy block types hold 32 values per block with an fp16 scale (`_1`: plu
 rounding is llama.cpp's own, done by `gguf.quants.quantize`, not kbit's codebooks: kbit's `int` stands for
 that integer grid. With --calib (--method gptq, or rtn with importance-weighted scale search) the tensors inside
 the model's blocks are instead quantized on that same grid by GPTQ / weighted RTN (formats/gguf_grid.py) during
-the calibration run, and their codes and scales are packed into the same block bytes. Rows (ggml's ne0 = the input dimension) must be a multiple of 32; a tensor whose rows are
-not (stories260K's FFN of 172) is refused, and may be kept unquantized by the user (`--override X=skip`),
-which writes it F32/F16/BF16 as stored — llama.cpp runs mixed-type files.
+the calibration run, and their codes and scales are packed into the same block bytes. Rows (ggml's ne0 = the input dimension) must be a multiple of 32; a 2-D tensor whose rows are
+not (stories260K's FFN of 172) is written F16 instead, the nearest type llama.cpp holds for it, and the plan
+says so before any work (its rule and a note); `--override X=skip` keeps it as stored (F32/F16/BF16) —
+llama.cpp runs mixed-type files.
 
 The file carries what llama.cpp needs for a Llama model, named as convert_hf_to_gguf.py names it:
 `general.architecture = llama`, `llama.context_length`, `.embedding_length`, `.block_count`,
@@ -18,6 +19,7 @@ rotary embedding expects them. The reader (GgufCheckpoint, formats/gguf_reader.p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -80,7 +82,7 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
             problems.append((f"{module_glob(t.name)!r} has no llama.cpp tensor name (not part of a Llama model)",
                              "(remove it from the source)"))
     variant = (gguf_type or "Q4_0")[-1]
-    rows_bad = [t for t in plan.quantized if len(t.shape) != 2 or t.shape[-1] % BLOCK]
+    rows_bad = [t for t in plan.quantized if len(t.shape) != 2 or t.shape[-1] % BLOCK]  # 2-D: F16, see wider()
     for t in plan.quantized:
         s = t.spec
         label = type_for(s.bits, variant) if s.bits in (4, 5, 8) else "GGUF"
@@ -112,6 +114,23 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
                          f"{t.shape[-1]} ({len(rows_bad)} such tensors; kept unquantized they are written as "
                          "stored, e.g. F32, which llama.cpp runs)", f"--override '{module_glob(t.name)}=skip'"))
     refuse("gguf", problems)
+
+
+def wider(tensors: list) -> tuple[list, set[str], list[str]]:
+    """2-D targets whose rows are not a multiple of 32 (stories260K's FFN of 172): no GGUF block type holds them,
+    so they are planned F16 (half of fp32, and exact enough for weights) rather than failing the whole export;
+    each keeps its plan row with that rule, and a note names them. Returns (tensors, F16 names, notes)."""
+    ragged = [t for t in tensors if t.quantized and len(t.shape) == 2 and t.shape[-1] % BLOCK]
+    if not ragged:
+        return tensors, set(), []
+    names = {t.name for t in ragged}
+    rule = "F16: rows of {} are not a multiple of 32"
+    out = [dataclasses.replace(t, spec=None, rule=rule.format(t.shape[-1])) if t.name in names else t for t in tensors]
+    t = ragged[0]
+    note = (f"{len(ragged)} targeted tensors (e.g. {module_glob(t.name)!r}) have rows of {t.shape[-1]}, not a multiple "
+            f"of 32, which no GGUF block type holds: written F16, the nearest type llama.cpp runs for them "
+            f"(--override '{module_glob(t.name)}=skip' keeps them as stored)")
+    return out, names, [note]
 
 
 def hf_config(config: dict):
@@ -183,16 +202,17 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     theta, scaling = rope(cfg)
     names = tensor_names(src.names, cfg.num_hidden_layers)
     tensors = [t for t in plan.tensors if not t.name.endswith("rotary_emb.inv_freq")]
+    tensors, f16, wide_notes = wider(tensors)
     plan_view = type(plan)(tensors, plan.recipe)
     check(plan_view, recipe, gguf_type, names, calibrated=calib is not None)
     variant = (gguf_type or "Q4_0")[-1]
     items = []
     for t in tensors:
-        qtype = type_for(t.spec.bits, variant) if t.quantized else dense_type(t)
+        qtype = type_for(t.spec.bits, variant) if t.quantized else ("F16" if t.name in f16 else dense_type(t))
         items.append(Item(t, [(names[t.name], torch.uint8, (type_bytes(qtype, t.shape),))], qtype,
                           {"qtype": qtype, "gguf_name": names[t.name]}, {"gguf_name": names[t.name]}))
     voc = gguf_vocab.vocab(src.path, src.config, cfg.vocab_size)  # refuses an unknown pre-tokenizer up front
-    notes = [gguf_vocab.describe(voc)]
+    notes = [gguf_vocab.describe(voc), *wide_notes]
     if len(tensors) < len(plan.tensors):
         notes.append("rotary_emb.inv_freq buffers are not written (llama.cpp recomputes them)")
     result = result_dict("gguf", src_path, dst, dry_run, plan_view, items, recipe_info, notes=notes)
@@ -282,6 +302,9 @@ def encode_tensor(w: torch.Tensor | None, item: Item, cfg, parts: dict | None = 
     for r in range(0, rows.shape[0], step):
         x = rows[r: r + step]
         if qtype == g.GGMLQuantizationType.F16:
+            if x.abs().max() > 65504:
+                raise bad_input(f"tensor {item.name!r} holds values beyond fp16's range, so GGUF cannot store it F16; "
+                                f"keep it as stored (--override '{module_glob(item.name)}=skip')")
             parts.append(x.to(torch.float16).numpy().view(np.uint8))
         elif qtype == g.GGMLQuantizationType.F32:
             parts.append(x.float().numpy().view(np.uint8))

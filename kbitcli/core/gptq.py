@@ -167,8 +167,8 @@ def coordinate_descent(w: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, sc
     scales fixed, and moving it one grid level up or down whenever that lowers the layer's output error
     E = R H R^T (R = w - q, per row) fixes decisions the later columns made worse. Moving q_j by d changes
     E by d (d H_jj - 2 (R H)_j); R H is kept up to date for the columns still to visit, column by column inside
-    lazy batches of LAZY columns and by one matmul per batch for the rest, as GPTQ does. Measured (stories260K, k = 3, in-domain
-    calibration): one sweep takes GPTQ from 0.52x to 0.49x round-to-nearest's loss gap; more sweeps gained
+    lazy batches of LAZY columns and by one matmul per batch for the rest, as GPTQ does. Measured (stories260K,
+    k = 3, in-domain calibration): one sweep takes GPTQ from 0.52x to 0.49x round-to-nearest's loss gap; more sweeps gained
     no more on held-out text. Returns codes [rows, cols]."""
     rows, cols = w.shape
     blk = (torch.arange(rows)[:, None] * cols + torch.arange(cols)[None, :]) // block

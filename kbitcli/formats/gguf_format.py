@@ -82,7 +82,7 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
             problems.append((f"{module_glob(t.name)!r} has no llama.cpp tensor name (not part of a Llama model)",
                              "(remove it from the source)"))
     variant = (gguf_type or "Q4_0")[-1]
-    rows_bad = [t for t in plan.quantized if len(t.shape) != 2 or t.shape[-1] % BLOCK]  # 2-D: F16, see wider()
+    not_2d = [t for t in plan.quantized if len(t.shape) != 2]  # 2-D rows that no block type holds: F16, wider()
     for t in plan.quantized:
         s = t.spec
         label = type_for(s.bits, variant) if s.bits in (4, 5, 8) else "GGUF"
@@ -107,12 +107,12 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
         if s.scale_dtype != "fp16":
             problems.append((f"{label} stores fp16 scales and {who(t, recipe, 'scale_dtype')} for {s.scale_dtype}",
                              fix(t, recipe, "scale_dtype", "fp16", "--scale-dtype fp16")))
-    if rows_bad:
-        t = rows_bad[0]
+    if not_2d:
+        t = not_2d[0]
         label = type_for(t.spec.bits, variant) if t.spec.bits in (4, 5, 8) else "GGUF"
-        problems.append((f"{label} needs rows that are a multiple of 32 values and {module_glob(t.name)!r} has rows of "
-                         f"{t.shape[-1]} ({len(rows_bad)} such tensors; kept unquantized they are written as "
-                         "stored, e.g. F32, which llama.cpp runs)", f"--override '{module_glob(t.name)}=skip'"))
+        problems.append((f"{label} holds 2-D weights and {module_glob(t.name)!r} has shape {list(t.shape)} "
+                         f"({len(not_2d)} such tensors; kept unquantized they are written as stored, which "
+                         "llama.cpp runs)", f"--override '{module_glob(t.name)}=skip'"))
     refuse("gguf", problems)
 
 

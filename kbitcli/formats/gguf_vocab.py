@@ -24,6 +24,7 @@ import logging
 import os
 
 from kbitcli.errors import bad_input
+from kbitcli.io.folder import read_json
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf.TokenType
 
@@ -60,20 +61,16 @@ PRE_TOKENIZERS = {
 }
 
 
-def gguf():
-    import gguf as mod  # a runtime dependency; imported late (slow to import)
-
-    return mod
-
-
 def special_vocab(folder: str, **kw):
     """gguf.SpecialVocab, its log quiet: it warns through `logging` about post-processor templates it half
     understands (stories260K's pair template), which is noise in kbit's output; what it found is in the notes."""
+    import gguf  # a runtime dependency; imported late (slow to import)
+
     log = logging.getLogger("gguf.vocab")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return gguf().SpecialVocab(folder, **kw)
+        return gguf.SpecialVocab(folder, **kw)
     finally:
         log.setLevel(level)
 
@@ -93,26 +90,15 @@ def kind(tj: dict) -> str | None:
 def vocab(folder: str, config: dict, n_vocab: int) -> dict | None:
     """What write() puts in the file, or None when the folder has no tokenizer kbit writes (see the docstring)."""
     path = os.path.join(folder, "tokenizer.json")
-    if not os.path.exists(path):
+    tj = read_json(path, what="a tokenizer.json object")
+    if tj is None:
         return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            tj = json.load(fh)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad_input(f"{path}: not a readable tokenizer.json ({str(e)[:120]}); fix it or remove it") from None
-    if not isinstance(tj, dict):
-        raise bad_input(f"{path}: not a tokenizer.json (a JSON {type(tj).__name__}, not an object); fix it or "
-                        "remove it")
     what = kind(tj)
     if what is None:
         return None
     voc = sentencepiece(tj, config, n_vocab) if what == "llama" else byte_level(folder, path, n_vocab)
     voc["chat_template"] = special_vocab(folder).chat_template  # tokenizer_config.json or chat_template.jinja
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    tc = {}
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as fh:
-            tc = json.load(fh)
+    tc = read_json(os.path.join(folder, "tokenizer_config.json")) or {}
     voc["add_space_prefix"] = tc.get("add_prefix_space") if isinstance(tc.get("add_prefix_space"), bool) else None
     return voc
 

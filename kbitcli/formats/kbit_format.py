@@ -20,6 +20,7 @@ import torch
 from kbitcli.core.blockwise import SCALE_DTYPES, QuantizedTensor, Spec, finite, layout, layout_bits
 from kbitcli.core.codebooks import DTYPES, MAX_BITS, MIN_BITS, fixed_codebook
 from kbitcli.errors import KbitError, bad_input
+from kbitcli.formats.source import KBIT_PARTS
 from kbitcli.io.dtypes import config_name, from_name, from_safetensors, safetensors_name
 from kbitcli.io.folder import Folder, open_safetensors, read_header
 from kbitcli.io.folder import short_error as _short
@@ -115,7 +116,7 @@ class KbitCheckpoint:
                 if k in self.where:
                     raise self._damaged(f, k, f"it is also in {os.path.basename(self.where[k])}")
                 self.where[k] = f
-            component = {f"{t}.{s}" for t in tensors for s in ("codes", "scales", "scales_absmax", "scales_offset", "codebook")}
+            component = {f"{t}.{s}" for t in tensors for s in KBIT_PARTS}
             for k in keys:
                 if k in tensors:
                     raise self._damaged(f, k, "it is both dense and quantized")

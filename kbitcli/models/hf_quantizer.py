@@ -32,12 +32,10 @@ from torch import nn
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.formats.kbit_write import QUANT_METHOD
+from kbitcli.formats.source import KBIT_PARTS  # a quantized tensor's stored parts
 from kbitcli.hf import name_mapper
-from kbitcli.models.kbit_embedding import tie_output
-from kbitcli.models.kbit_linear import KbitLinear, share_tables
-from kbitcli.models.load import load_model
+from kbitcli.models.load import load_model, relink
 
-PARTS = ("codes", "scales", "scales_absmax", "scales_offset", "codebook")  # a quantized tensor's stored parts
 
 
 def hold_out_of_loading(module: nn.Module) -> None:
@@ -80,7 +78,7 @@ def modules_kbit_supplies(model: nn.Module, ck: KbitCheckpoint) -> tuple[list[st
     ignored = [k for k in ck.stored if k.startswith("kbit.codebook.")]
     for n in ck.names:
         if module_of.get(n) in pending:
-            ignored += [f"{n}.{p}" for p in PARTS] if ck.is_quantized(n) else [n]
+            ignored += [f"{n}.{p}" for p in KBIT_PARTS] if ck.is_quantized(n) else [n]
     return sorted(pending), ignored
 
 
@@ -148,11 +146,8 @@ def register_with_transformers():
             device = kbit_device(model)
             for name in self.pending:
                 model.set_submodule(name, built.get_submodule(name).to(device))
-            info = built.kbit_info
-            for out_name, emb_name in info["tied"].items():  # .to() copies a tied pair apart
-                tie_output(model.get_submodule(out_name), model.get_submodule(emb_name))
-            share_tables(m for m in model.modules() if isinstance(m, KbitLinear))
-            model.kbit_info = info
+            model.kbit_info = built.kbit_info
+            relink(model)  # .to() copied tied pairs and shared tables apart
             return model
 
         def is_serializable(self):

@@ -14,8 +14,6 @@ same code and scale tensors (`tied_linear`): one copy in memory, and at batch 1 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -116,13 +114,6 @@ class KbitEmbedding(nn.Module):
     # ---- accounting -------------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
-
-    def bits_per_param(self) -> float:
-        """Stored bits of codes + scales (+ double-quant constants) per table value."""
-        bits = self.codes.numel() * 8 + self.scales.numel() * self.scales.element_size() * 8
-        if self.scales_absmax is not None:
-            bits += (self.scales_absmax.numel() + self.scales_offset.numel()) * 32
-        return bits / math.prod(self.shape)
 
     def extra_repr(self) -> str:
         s = self.spec

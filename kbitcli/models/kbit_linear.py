@@ -192,7 +192,7 @@ class KbitLinear(nn.Module):
 
     def _use_kernel(self, x: torch.Tensor):
         """The kernel library when it should compute this forward, else None."""
-        if not x.is_cpu or x.numel() > KERNEL_MAX_ROWS.get(self.spec.bits, 0) * self.in_features:
+        if not x.is_cpu or x.numel() > self.kernel_max_rows() * self.in_features:
             return None
         if x.requires_grad:  # finetuning (also under FrozenKbitMatmul's no_grad forward): keep the slab path
             return None

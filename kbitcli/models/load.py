@@ -41,11 +41,16 @@ def load_model(path: str, *, dtype=None, device="cpu", model_cls=None, tokenizer
             model, tok = _load_foreign(open_reader(path, fmt), dt, tokenizer)
             return model.to(device).eval(), tok
         model = _load_dense(path, dt, model_cls)
-    model.to(device).eval()
-    for out_name, emb_name in getattr(model, "kbit_info", {}).get("tied", {}).items():  # .to() copies them apart
-        tie_output(model.get_submodule(out_name), model.get_submodule(emb_name))
-    share_tables(m for m in model.modules() if isinstance(m, KbitLinear))  # .to() copies shared tables apart
+    relink(model.to(device).eval())
     return model, (load_tokenizer(path) if tokenizer else None)
+
+
+def relink(model: nn.Module) -> None:
+    """Share again what `.to()` copied apart (it copies each module's buffers on its own): a tied k-bit lm_head
+    and its embedding's tensors (model.kbit_info["tied"]), and the codebook tables KbitLinear modules share."""
+    for out_name, emb_name in getattr(model, "kbit_info", {}).get("tied", {}).items():
+        tie_output(model.get_submodule(out_name), model.get_submodule(emb_name))
+    share_tables(m for m in model.modules() if isinstance(m, KbitLinear))
 
 
 def _load_foreign(reader, dtype, tokenizer: bool):

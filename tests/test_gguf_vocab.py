@@ -168,3 +168,25 @@ def test_damaged_tokenizer_json_is_one_line_bad_input(tmp_path, damage):
     with pytest.raises(KbitError) as e:
         encode(src, str(tmp_path / "x.gguf"), Q4, fmt="gguf", dry_run=True)
     assert e.value.exit_code == 2 and "tokenizer.json" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_damaged_tokenizer_config_json_is_one_line_bad_input(tmp_path):
+    """Both tokenizer kinds read tokenizer_config.json (add_prefix_space, the chat template): damaged, it is a
+    one-line exit 2 naming it, before any work."""
+    import shutil
+
+    for kind_ in ("llama", "gpt2"):
+        src = str(tmp_path / kind_)
+        if kind_ == "llama":
+            shutil.copytree(STORIES260K, src)
+        else:
+            os.makedirs(src)
+            tiny_llama(src, bpe_trained_on_tinystories(src))
+        with open(os.path.join(src, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+            fh.write('{"add_prefix_space": tru')
+        dst = str(tmp_path / f"{kind_}.gguf")
+        with pytest.raises(KbitError) as e:
+            encode(src, dst, Q4, fmt="gguf", dry_run=True)
+        msg = str(e.value)
+        assert e.value.exit_code == 2 and "tokenizer_config.json: not valid JSON" in msg and "\n" not in msg, msg
+        assert not os.path.exists(dst)

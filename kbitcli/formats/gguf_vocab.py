@@ -96,9 +96,10 @@ def vocab(folder: str, config: dict, n_vocab: int) -> dict | None:
     what = kind(tj)
     if what is None:
         return None
+    # read (and checked) before SpecialVocab and transformers read it too, with no error a user could act on
+    tc = read_json(os.path.join(folder, "tokenizer_config.json")) or {}
     voc = sentencepiece(tj, config, n_vocab) if what == "llama" else byte_level(folder, path, n_vocab)
     voc["chat_template"] = special_vocab(folder).chat_template  # tokenizer_config.json or chat_template.jinja
-    tc = read_json(os.path.join(folder, "tokenizer_config.json")) or {}
     voc["add_space_prefix"] = tc.get("add_prefix_space") if isinstance(tc.get("add_prefix_space"), bool) else None
     return voc
 

@@ -18,6 +18,7 @@ from kbitcli.calibration.data import Calibration
 from kbitcli.core.blockwise import Spec, dequantize, quantize
 from kbitcli.core.kbit_grid import quantize_gptq, quantize_weighted
 from kbitcli.encode import encode
+from kbitcli.errors import KbitError
 from kbitcli.recipes import Recipe
 
 
@@ -216,6 +217,10 @@ def test_calibration_bad_input(stories_dir, halves, tmp_path):
     assert_bad_input(cli("encode", stories_dir, dst, "--calib", calib, "--calib-tokens", "8"), "--calib-tokens", dst=dst)
     for damp in ("0", "2", "nan"):
         assert_bad_input(cli("encode", stories_dir, dst, "--calib", calib, "--damp", damp), "--damp", dst=dst)
+    for refine in (-1, 9, 1.5, True):  # Python API only: coordinate-descent sweeps 0..8
+        with pytest.raises(KbitError) as e:
+            encode(stories_dir, dst, Recipe(method="gptq"), calib=Calibration(calib, 1024, refine=refine))
+        assert e.value.exit_code == 2 and "refine" in str(e.value) and not os.path.exists(dst)
     assert_bad_input(cli("encode", stories_dir, calib, "--calib", calib, "--force"), "--calib")  # DST = the text
     assert_bad_input(cli("encode", stories_dir, dst, "--method", "awq"), "method", dst=dst)
     short = tmp_path / "short.txt"

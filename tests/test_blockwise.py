@@ -77,6 +77,16 @@ def test_row_and_tensor_blocks(down):
     assert e64 > sqnr_db(down, dequantize(row)) > sqnr_db(down, dequantize(whole))
 
 
+def test_row_of_a_convolution_is_one_output_channel():
+    """A conv weight [out, in/groups, kh, kw]: 'row' is one scale per output channel (in/groups·kh·kw values),
+    not per kernel row (kw values: a 3x3 kernel would get a scale every 3 weights)."""
+    w = torch.randn(8, 4, 3, 3) * torch.logspace(-3, 0, 8)[:, None, None, None]  # channels of very different size
+    qt = quantize(w, Spec(4, bw.resolve_block("row", tuple(w.shape)), "int", scale_search=1))
+    assert qt.spec.block_size == 36 and qt.scales.numel() == 8
+    assert torch.equal(qt.scales, bw.round_up(w.abs().flatten(1).amax(dim=1), torch.float16))
+    assert bw.resolve_block("row", (5,)) == 5
+
+
 def test_int8_error_is_within_half_a_step(down):
     qt = quantize(down, Spec(8, 64, "int", scale_dtype="fp32", scale_search=1))
     err = (dequantize(qt) - down).abs().reshape(-1)

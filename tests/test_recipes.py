@@ -247,7 +247,8 @@ def test_block_bigger_than_a_tensor_can_be_fixed_per_tensor(stories_dir):
 
 # every encode recipe in recipes/ and the model it is meant for
 SHIPPED = {"llama-nf4.yaml": "stories", "aggressive-3bit.yaml": "stories", "int8.yaml": "stories",
-           "llama-nf4-emb8.yaml": "stories", "bert-nf4.yaml": "minilm"}
+           "llama-nf4-emb8.yaml": "stories", "bert-nf4.yaml": "minilm",
+           "cnn-nf4.yaml": "mobilenet_v2 (tests/test_vision.py)", "dlrm-tables-nf4.yaml": "dlrm (tests/test_dlrm.py)"}
 
 
 def test_every_encode_recipe_is_listed_here():

@@ -77,9 +77,10 @@ class QuantizedTensor:
 
 
 def resolve_block(block: int | str, shape: tuple[int, ...]) -> int:
-    """'row' = one scale per row of the stored matrix (per output channel), 'tensor' = one scale in all."""
+    """'row' = one scale per output channel (a row of the stored matrix; for a conv weight [out, in/groups, *kernel]
+    the flattened row of in/groups · kernel values), 'tensor' = one scale in all."""
     if block == "row":
-        return int(shape[-1])
+        return int(math.prod(shape[1:])) if len(shape) > 1 else int(math.prod(shape))
     if block == "tensor":
         return int(math.prod(shape))
     return int(block)
@@ -278,13 +279,14 @@ def _normalized_sample(flat: torch.Tensor, safe_scales: torch.Tensor, block: int
 
 
 @functools.lru_cache(maxsize=32)
-def _code_values(codebook_bytes: bytes, k: int) -> "_CodeValues":
-    return _CodeValues(torch.frombuffer(bytearray(codebook_bytes), dtype=torch.float32), k)
+def _code_values(codebook_bytes: bytes, k: int, check: bool) -> "_CodeValues":
+    return _CodeValues(torch.frombuffer(bytearray(codebook_bytes), dtype=torch.float32), k, check)
 
 
-def code_values(codebook: torch.Tensor, k: int) -> "_CodeValues":
-    """The (cached) decoder of codes into this codebook's values."""
-    return _code_values(codebook.float().numpy().tobytes(), k)
+def code_values(codebook: torch.Tensor, k: int, check: bool = True) -> "_CodeValues":
+    """The (cached) decoder of codes into this codebook's values. check=False: the codes were checked already
+    (check_codes, once when a k-bit module was loaded), so no scan for codes past the table's end per call."""
+    return _code_values(codebook.float().numpy().tobytes(), k, check)
 
 
 # The values of one byte's codes, viewed as one wide element, so that decoding a byte is a 1-D gather of one
@@ -297,12 +299,12 @@ class _CodeValues:
     """Codebook values of packed codes. For k = 2, 4 and 8 a byte holds whole codes, so one gather from a
     table of 256 byte values decodes a byte at once; other k unpack first, then gather."""
 
-    def __init__(self, codebook: torch.Tensor, k: int):
+    def __init__(self, codebook: torch.Tensor, k: int, check: bool = True):
         self.k = k
         # codes past the table's end (int/fp tables have 2^k - 1 entries) exist only in a damaged file: NaN
         self.table = torch.full((2**k,), float("nan"))
         self.table[: codebook.numel()] = codebook
-        self.check = codebook.numel() < 2**k
+        self.check = check and codebook.numel() < 2**k
         self.per_byte = 8 // k if 8 // k in _BYTE_ELEMENT and 8 % k == 0 else None
         if self.per_byte:
             every_byte = torch.arange(256, dtype=torch.uint8)
@@ -321,6 +323,22 @@ class _CodeValues:
             raise bad_input("a code points past the end of its codebook: the checkpoint is damaged "
                             "(`kbit inspect --verify` checks it against its manifest)")
         return out[:n]
+
+
+def check_codes(qt: QuantizedTensor, name: str, chunk_groups: int = 1 << 17) -> None:
+    """A k-bit module decodes its codes on every forward without this check (KbitLinear's byte table clamps,
+    for speed): so a module built from a file checks once, on load, that no code points past the end of a
+    2^k - 1 entry table (int, fp). Streams the codes in chunks of whole 8-code groups."""
+    k = qt.spec.bits
+    if qt.codebook.numel() >= 2**k:
+        return
+    bad, n, step = 2**k - 1, qt.numel, chunk_groups * k
+    for b0 in range(0, qt.codes.numel(), step):
+        count = min(n - b0 * 8 // k, chunk_groups * 8)
+        part = qt.codes[b0: b0 + step][: packed_nbytes(count, k)]
+        if bool((unpack_u8(part, k, count) == bad).any()):
+            raise bad_input(f"tensor {name!r}: a code points past the end of its {qt.codebook.numel()}-entry "
+                            "codebook: the checkpoint is damaged (`kbit inspect --verify` checks it against its manifest)")
 
 
 def dequantize_range(qt: QuantizedTensor, start: int, stop: int, scales: torch.Tensor | None = None) -> torch.Tensor:

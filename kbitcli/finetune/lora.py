@@ -20,11 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kbitcli.errors import bad_input
+from kbitcli.finetune.lora_conv import LoraConv, adaptable
+from kbitcli.models.kbit_conv import KbitConv
+from kbitcli.models.kbit_linear import KbitLinear
 from kbitcli.recipes import matches
 
 
 def is_kbit(module: nn.Module) -> bool:
-    return hasattr(module, "dequantize_weight") and hasattr(module, "codes")
+    return isinstance(module, KbitLinear)  # not KbitConv: a LoRA here is a linear adapter
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -76,23 +79,25 @@ class LoraLinear(nn.Module):
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear-like modules whose weight the checkpoint stores under `<name>.weight` (a tied lm_head is not one)."""
+    """Linear-like modules (and ungrouped convolutions, lora_conv.py) whose weight the checkpoint stores under
+    their own name (a tied lm_head is not one)."""
     params = {n for n, _ in model.named_parameters(remove_duplicate=True)} | {n for n, _ in model.named_buffers()}
     out = {}
     for name, m in model.named_modules():
-        if is_kbit(m) and f"{name}.codes" in params:
+        if (is_kbit(m) or isinstance(m, KbitConv) and adaptable(m)) and f"{name}.codes" in params:
             out[name] = m
-        elif isinstance(m, nn.Linear) and f"{name}.weight" in params:
+        elif (isinstance(m, nn.Linear) or adaptable(m)) and f"{name}.weight" in params:
             out[name] = m
     return out
 
 
 def select_targets(model: nn.Module, patterns: tuple[str, ...] | list[str] | None, where: str = "--targets") -> list[str]:
-    """Module names to adapt: every k-bit linear by default, else the linear-like modules the patterns match.
+    """Module names to adapt: every k-bit linear (and ungrouped k-bit convolution) by default, else the
+    linear-like modules and convolutions the patterns match.
     Every pattern must match at least one module, so a typo is an error, not a silently smaller adapter."""
     cands = candidate_modules(model)
     if patterns is None:
-        names = [n for n, m in cands.items() if is_kbit(m)]
+        names = [n for n, m in cands.items() if is_kbit(m) or isinstance(m, KbitConv)]
         if not names:
             raise bad_input("the model has no k-bit linear layers to adapt; encode it with `kbit encode` first "
                             "or name modules with --targets")
@@ -102,7 +107,7 @@ def select_targets(model: nn.Module, patterns: tuple[str, ...] | list[str] | Non
         hit = [n for n in cands if matches(p, n)]
         if not hit:
             example = next(iter(cands), "model.layers.0.self_attn.q_proj")
-            raise bad_input(f"{where}: pattern {p!r} matches no linear layer (e.g. {example!r}); "
+            raise bad_input(f"{where}: pattern {p!r} matches no linear layer or ungrouped convolution (e.g. {example!r}); "
                             "run `kbit inspect MODEL` to list the names")
         chosen.update(hit)
     return [n for n in cands if n in chosen]
@@ -110,8 +115,8 @@ def select_targets(model: nn.Module, patterns: tuple[str, ...] | list[str] | Non
 
 def attach_lora(model: nn.Module, names: list[str], rank: int, alpha: float, dropout: float = 0.0,
                 rslora: bool = False, seed: int = 0) -> dict[str, LoraLinear]:
-    """Freeze the whole model, then replace each named module by a LoraLinear around it (in place).
-    A's initialisation is drawn from a generator seeded with `seed`, in module order: same seed, same adapter."""
+    """Freeze the whole model, then replace each named module by a LoraLinear (a LoraConv for a convolution)
+    around it, in place. A's initialisation is drawn from a generator seeded with `seed`, in module order: same seed, same adapter."""
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     loras = {}
@@ -119,7 +124,7 @@ def attach_lora(model: nn.Module, names: list[str], rank: int, alpha: float, dro
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        lora = LoraLinear(base, rank, alpha, dropout, rslora, gen)
+        lora = (LoraConv if adaptable(base) else LoraLinear)(base, rank, alpha, dropout, rslora, gen)
         device = next(iter(base.buffers()), None)
         if device is None:
             device = next(base.parameters())

@@ -56,7 +56,10 @@ def encode_tensor(src: Source, t, spill=None) -> dict[str, torch.Tensor]:
 
 
 def export(src: Source, src_path: str, dst: str, plan: Plan, recipe, recipe_info: dict, *, force: bool,
-           dry_run: bool, progress, max_shard_bytes=None, calib=None, lineage: list | None = None) -> dict:
+           dry_run: bool, progress, max_shard_bytes=None, calib=None, lineage: list | None = None,
+           prequantized: dict | None = None) -> dict:
+    """prequantized: name -> QuantizedTensor already made (the Python API's save of a k-bit module): written
+    as it is."""
     summary = plan.summary()
     layouts = [shard_layout(plan, shard) for shard in plan.shards]
     # the exact bytes of the files a real encode writes (headers included): --dry-run reports the same number
@@ -84,7 +87,8 @@ def export(src: Source, src_path: str, dst: str, plan: Plan, recipe, recipe_info
                     pf.put(k, v)
                 # a few tensors at once, one thread each (see kbitcli/parallel.py); written here, in order
                 with single_threaded_torch() if workers > 1 else contextlib.nullcontext():
-                    for t, outputs in ordered_map(lambda t: encode_tensor(src, t, spill), shard, workers):
+                    ready = spill if spill is not None else prequantized
+                    for t, outputs in ordered_map(lambda t: encode_tensor(src, t, ready), shard, workers):
                         for key, value in outputs.items():
                             pf.put(key, value)
                         progress.advance(t.name, t.in_bytes())
@@ -94,7 +98,7 @@ def export(src: Source, src_path: str, dst: str, plan: Plan, recipe, recipe_info
                                    summary=summary, tensors=result["plan"], lineage=lineage or [],
                                    calibration=calibration)
         config = None if src.config is None else {**src.config, "quantization_config": quantization_config(plan)}
-        records = out.finish(config=config, side_files=src.path if folder else None,
+        records = out.finish(config=config, write_side_files=src.write_side_files if folder else None,
                              index_metadata={"format": "kbit"}, manifest=manifest)
     result["files"] = [r["name"] for r in records]
     return result

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -86,7 +87,9 @@ def open_safetensors(path: str):
 
 def load_bin(path: str) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format torch.save has written since 1.6; an older (legacy, non-zip) file, such as
+        # torchvision's ImageNet weights, is read whole: same weights-only unpickler, same refusals
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise bad_input(
             f"{path}: refused to unpickle (it holds more than tensors: {short_error(e)}); convert it to safetensors "

@@ -141,7 +141,9 @@ def build(fmt: str, source_path: str, source_files: list[str], recipe: dict, **f
     """The record every output's manifest starts from; `fields` adds the format's own (tensors, calibration...)."""
     return {"tool": "kbit", "version": __version__, "format": fmt,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": os.path.abspath(source_path), "files": [file_record(f) for f in source_files]},
+            # a model saved from Python (`python:pkg.Class`) has no path
+            "source": {"path": source_path if source_path.startswith("python:") else os.path.abspath(source_path),
+                       "files": [file_record(f) for f in source_files]},
             "recipe": recipe, **fields}
 
 

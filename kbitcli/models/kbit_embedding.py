@@ -15,10 +15,11 @@ same code and scale tensors (`tied_linear`): one copy in memory, and at batch 1 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kbitcli.core.blockwise import DQ_BLOCK, QuantizedTensor, Spec, code_values, dequantize, dequantize_range
-from kbitcli.models.kbit_linear import KbitLinear, _scale_table
+from kbitcli.models.kbit_linear import DERIVED, KbitLinear, _scale_table
 
 SHARED_PARTS = ("codes", "scales", "codebook", "scales_absmax", "scales_offset")  # what a tied lm_head shares
 
@@ -54,6 +55,11 @@ class KbitEmbedding(nn.Module):
         return QuantizedTensor(self.spec, self.shape, self.orig_dtype, self.codes, self.scales, self.codebook,
                                self.scales_absmax, self.scales_offset)
 
+    def __getstate__(self):
+        # caches derived from the buffers (the kernel's ctypes view, slab plans, decoders) are rebuilt on use;
+        # dropping them lets copy.deepcopy and pickling copy the module
+        return {k: v for k, v in self.__dict__.items() if k not in DERIVED}
+
     def tied_linear(self, bias: torch.Tensor | None = None) -> KbitLinear:
         """A KbitLinear computing x @ table^T (a tied lm_head) over this module's own tensors: no copy."""
         return KbitLinear.from_quantized(self.quantized_tensor(), bias)
@@ -77,7 +83,8 @@ class KbitEmbedding(nn.Module):
         key = self._buffers["codebook"].data_ptr()
         cached = self.__dict__.get("_values")
         if cached is None or cached[0] != key:
-            self.__dict__["_values"] = cached = (key, code_values(self.codebook, self.spec.bits))
+            # codes are checked once when a module is loaded from a file (blockwise.check_codes), not per lookup
+            self.__dict__["_values"] = cached = (key, code_values(self.codebook, self.spec.bits, check=False))
         return cached[1]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -119,6 +126,47 @@ class KbitEmbedding(nn.Module):
         s = self.spec
         return (f"{self.num_embeddings}, {self.embedding_dim}, k={s.bits}, block={s.block_size}, dtype={s.dtype}"
                 f"{'+dq' if s.double_quant else ''}" + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""))
+
+
+class KbitEmbeddingBag(KbitEmbedding):
+    """nn.EmbeddingBag over a k-bit table (recommendation models: one bag of ids per sparse feature). The rows
+    the batch looks up are decoded (`rows`), then torch's own embedding_bag reduces the bags over them, so every
+    mode, offsets layout, per_sample_weights and padding_idx means what it means there."""
+
+    def __init__(self, *args, mode: str = "mean", include_last_offset: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mode, self.include_last_offset = mode, include_last_offset
+
+    @classmethod
+    def from_bag(cls, qt: QuantizedTensor, bag: nn.EmbeddingBag) -> "KbitEmbeddingBag":
+        if bag.max_norm is not None:  # renorming rewrites the table on lookup: a frozen k-bit table cannot
+            raise ValueError("an EmbeddingBag with max_norm has no k-bit form")
+        return cls(qt.spec, qt.shape, qt.orig_dtype, qt.codes, qt.scales, qt.codebook, qt.scales_absmax,
+                   qt.scales_offset, bag.padding_idx, bag.weight.dtype, mode=bag.mode,
+                   include_last_offset=bag.include_last_offset)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        flat = ids.reshape(-1).to(device=self.codes.device, dtype=torch.int64)
+        lo, hi = flat.aminmax() if flat.numel() else (0, 0)
+        if int(lo) < 0 or int(hi) >= self.num_embeddings:
+            raise IndexError(f"index out of range in self (ids must be in [0, {self.num_embeddings}))")
+        # each position's row, decoded in order (de-duplicating with torch.unique measured slower unless most
+        # ids repeat); a padding id points at one extra zero row that embedding_bag leaves out of its bag
+        n = flat.numel()
+        table = self.rows(flat).to(self.output_dtype)
+        local = torch.arange(n, device=flat.device)
+        pad = None
+        if self.padding_idx is not None:
+            pad = n
+            table = torch.cat([table, table.new_zeros(1, self.embedding_dim)])
+            local = torch.where(flat == self.padding_idx, pad, local)
+        return F.embedding_bag(local.view(ids.shape), table, offsets, mode=self.mode,
+                               per_sample_weights=per_sample_weights, include_last_offset=self.include_last_offset,
+                               padding_idx=pad)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode}"
 
 
 def tie_output(linear: KbitLinear, embedding: KbitEmbedding) -> None:

@@ -37,6 +37,7 @@ SLAB_VALUES = 1 << 18  # values decoded per slab (1 MB of fp32): bounds the tran
 # SmolLM2-135M MLP shape, 1 thread). k = 2, 4, 8 decode slabs with one byte-table gather (fast), so their
 # crossover comes early; other k unpack bits in torch first, and the kernel wins up to prefill sizes.
 KERNEL_MAX_ROWS = {2: 24, 4: 24, 8: 48, 3: 128, 5: 128, 6: 128, 7: 128}
+DERIVED = ("_packed", "_slabs", "_flat", "_values")  # caches in a k-bit module's __dict__, rebuilt on use
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -104,6 +105,11 @@ class KbitLinear(nn.Module):
         """The weight as a QuantizedTensor view of this module's buffers (no copy)."""
         return QuantizedTensor(self.spec, self.shape, self.orig_dtype, self.codes, self.scales, self.codebook,
                                self.scales_absmax, self.scales_offset)
+
+    def __getstate__(self):
+        # caches derived from the buffers (the kernel's ctypes view, slab plans, decoders) are rebuilt on use;
+        # dropping them lets copy.deepcopy and pickling copy the module
+        return {k: v for k, v in self.__dict__.items() if k not in DERIVED}
 
     # ---- decoding -------------------------------------------------------------------------------------
     def _block_scales(self, b0: int, b1: int) -> torch.Tensor:

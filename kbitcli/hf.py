@@ -54,7 +54,9 @@ def model_class(config, override=None):
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+    auto = AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+    # the concrete class (callers build with its _from_config, which Auto classes lack)
+    return auto._model_mapping[type(config)]
 
 
 @contextlib.contextmanager

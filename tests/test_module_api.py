@@ -310,3 +310,25 @@ def test_a_code_past_the_end_of_its_table_is_refused_on_load(stories_dir, tmp_pa
 
     with pytest.raises(KbitError, match="past the end"):
         kbit.load(str(dst), model=AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(stories_dir)))
+
+
+def test_gpt2_conv1d_round_trips_and_a_bare_config_model_loads_back(tmp_path):
+    """transformers' Conv1D stores [in, out]: k-bit, decoded and saved/loaded it computes the same; a model
+    built from a config without `architectures` is saved with its class named, so kbit.load can build it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    q = kbit.encode(model, recipe={"bits": 8, "block_size": 64, "dtype": "int",
+                                   "targets": ["re:.*(c_attn|c_proj|c_fc)", "transformer.wte"]})
+    assert q.transformer.h[0].attn.c_attn.transposed and q.lm_head.codes is q.transformer.wte.codes
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        ref, out = model(ids).logits, q(ids).logits
+        assert (ref - out).abs().max() < 0.05
+        d = kbit.decode(q)
+        assert type(d.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+        assert torch.allclose(d(ids).logits, out, atol=1e-5)
+        kbit.save(q, str(tmp_path / "g"))
+        assert torch.equal(kbit.load(str(tmp_path / "g"))(ids).logits, out)

@@ -43,6 +43,8 @@ class ModuleSource:
         self.path = f"python:{type(model).__module__}.{type(model).__qualname__}"
         config = getattr(model, "config", None)  # a transformers model: its config, as save_pretrained writes it
         self.config = config.to_dict() if hasattr(config, "to_dict") else None
+        if self.config is not None and not self.config.get("architectures"):  # a model built from a bare config
+            self.config["architectures"] = [type(model).__name__]  # names the class that loads it back
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         t = self.tensors[name]

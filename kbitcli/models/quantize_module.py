@@ -177,6 +177,8 @@ def _dense(m: nn.Module, shared: nn.Parameter | None, dtype) -> nn.Module:
         out.weight = shared
     else:
         w = m.dequantize_table(dt) if isinstance(m, KbitEmbedding) else m.dequantize_weight(dt)
+        if isinstance(m, KbitLinear) and m.transposed:  # dequantize_weight gives [out, in]; Conv1D stores [in, out]
+            w = w.t()
         out.weight = nn.Parameter(w.reshape(_weight_shape(m)).contiguous(), requires_grad=True)
     if getattr(out, "bias", None) is not None:
         out.bias = nn.Parameter(torch.zeros(out.bias.shape, dtype=dt) if m.bias is None else m.bias.detach().to(dt))

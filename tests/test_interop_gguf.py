@@ -73,11 +73,13 @@ def test_gguf_package_reads_back_every_type(tiny, tmp_path, qtype):
         if w.dim() == 1:
             assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(back, w)
             continue
-        quantized = hf[t.name] not in ("model.embed_tokens.weight", "lm_head.weight")
-        assert t.tensor_type == (gguf.GGMLQuantizationType[qtype] if quantized else gguf.GGMLQuantizationType.F32)
-        if quantized:  # llama.cpp's reference rounding, bit for bit
-            ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
-            assert np.array_equal(np.array(t.data), ref), t.name
+        # the GGUF default (gguf_format.embeddings_default), as llama-quantize does: token_embd at the file's
+        # type (this tiny Llama has its own output layer), output at the nearest wider type kbit writes, Q8_0
+        want = "Q8_0" if hf[t.name] == "lm_head.weight" else qtype
+        assert t.tensor_type == gguf.GGMLQuantizationType[want], t.name
+        ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[want])  # llama.cpp's rounding, bit for bit
+        assert np.array_equal(np.array(t.data), ref), t.name
+        if want == qtype:
             sig += w.double().pow(2).sum().item()
             noise += (w - back).double().pow(2).sum().item()
     assert 10 * math.log10(sig / noise) > min_sqnr
@@ -176,11 +178,33 @@ def test_refuses_what_gguf_cannot_hold(stories_dir, tmp_path, kwargs, words):
     assert os.listdir(tmp_path) == []
 
 
-def test_refuses_non_llama_and_non_gguf_destination(minilm_dir, stories_dir, tmp_path):
-    with pytest.raises(KbitError, match="Llama-architecture"):
-        encode(minilm_dir, str(tmp_path / "m.gguf"), Recipe(bits=4, block_size=32, dtype="int", scale_search=1),
+def test_refuses_non_llama_and_non_gguf_destination(stories_dir, tmp_path, tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel  # an architecture --format gguf does not write
+
+    gpt2 = str(tmp_path_factory.mktemp("gpt2") / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(gpt2)
+    with pytest.raises(KbitError, match="writes LlamaForCausalLM, MistralForCausalLM, BertModel.*'gpt2'"):
+        encode(gpt2, str(tmp_path / "m.gguf"), Recipe(bits=4, block_size=32, dtype="int", scale_search=1),
                fmt="gguf")
     with pytest.raises(KbitError, match="one file"):
         encode(stories_dir, str(tmp_path / "folder"), Recipe(bits=4, block_size=32, dtype="int", scale_search=1,
                                                              overrides=[SKIP_FFN_DOWN]), fmt="gguf")
     assert os.listdir(tmp_path) == []
+
+
+def test_gguf_default_quantizes_the_tied_embedding_at_q8_0_and_ignore_keeps_it(stories_dir, tmp_path):
+    """A tied model's token_embd is also its output layer: Q8_0 by default (llama-quantize: Q6_K), shown in the
+    plan and a note; --ignore and an explicit targets list keep it as stored."""
+    base = dict(bits=4, block_size=32, dtype="int", scale_search=1, overrides=[SKIP_FFN_DOWN])
+    r = encode(stories_dir, str(tmp_path / "d.gguf"), Recipe(**base), fmt="gguf", gguf_type="Q4_0", dry_run=True)
+    row = next(t for t in r["plan"] if t["name"] == "model.embed_tokens.weight")
+    assert row["quantized"] and row["bits"] == 8 and row["rule"].startswith("gguf default: token_embd Q8_0")
+    assert any("token_embd.weight) written Q8_0" in n for n in r["notes"])
+    encode(stories_dir, str(tmp_path / "s.gguf"), Recipe(**base), fmt="gguf", gguf_type="Q4_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "s.gguf")).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0 and "output.weight" not in types
+    for recipe in (Recipe(**base, ignore=["model.embed_tokens"]),
+                   Recipe(**base, targets=["re:.*(q|k|v|o|gate|up|down)_proj"])):
+        r = encode(stories_dir, str(tmp_path / "x.gguf"), recipe, fmt="gguf", gguf_type="Q4_0", dry_run=True)
+        row = next(t for t in r["plan"] if t["name"] == "model.embed_tokens.weight")
+        assert not row["quantized"] and not any("token_embd" in n for n in r["notes"])

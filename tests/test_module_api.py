@@ -76,6 +76,7 @@ def test_encode_replaces_each_module_kind_and_keeps_the_original(net):
     assert type(q.norm) is nn.LayerNorm
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # a copy: the original untouched
     assert not any(isinstance(m, (KbitConv,)) for m in net.modules())
+    assert q.norm.weight is not net.norm.weight and q.norm.weight.data_ptr() != net.norm.weight.data_ptr()
     # no full-precision weight anywhere in the k-bit model: under a quarter of fp32's bytes even on these tiny layers
     dense, small = kbit.memory(net)["total_bytes"], kbit.memory(q)
     assert small["kbit_module_bytes"] > 0 and small["total_bytes"] < dense / 4

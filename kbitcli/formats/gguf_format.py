@@ -15,6 +15,8 @@ The file carries what llama.cpp needs for a Llama model, named as convert_hf_to_
 `.attention.layer_norm_rms_epsilon`, `.vocab_size`, the tokenizer (`tokenizer.ggml.*`: formats/gguf_vocab.py),
 and tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), with q/k rows permuted as llama.cpp's
 rotary embedding expects them. The reader (GgufCheckpoint, formats/gguf_reader.py) undoes all of it.
+BERT encoders (all-MiniLM-L6-v2: llama.cpp serves their sentence embeddings) are written as the converter's
+BertModel writes them: formats/gguf_bert.py.
 """
 
 from __future__ import annotations
@@ -27,20 +29,23 @@ import numpy as np
 import torch
 
 from kbitcli import __version__
+from kbitcli.core.blockwise import Spec
 from kbitcli.errors import bad_input
-from kbitcli.formats import gguf_grid, gguf_vocab
+from kbitcli.formats import gguf_bert, gguf_grid, gguf_vocab
 from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse,
                                            require_folder, result_dict, who)
 from kbitcli.io import manifest as manifests
 from kbitcli.io.atomic import AtomicOutput
 from kbitcli.io.dtypes import safetensors_name
 from kbitcli.io.spill import spill_for
+from kbitcli.recipes import matches
 
 # scale_search unset: 1 data-free (llama.cpp's rounding), 8 importance-weighted with --calib (plan.auto_search)
 DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int"}
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 BLOCK, ROW_CHUNK = 32, 1 << 20
-ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # rotary q/k rows permuted (to_llama_rows)
+WRITTEN = [*ARCHS.values(), "BertModel (sentence embeddings)"]  # what the refusal names
 
 
 def gguf():
@@ -79,8 +84,8 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
                          f"--bits {gguf_type[1]}"))
     for t in plan.tensors:
         if t.name not in names:
-            problems.append((f"{module_glob(t.name)!r} has no llama.cpp tensor name (not part of a Llama model)",
-                             "(remove it from the source)"))
+            problems.append((f"{module_glob(t.name)!r} has no llama.cpp tensor name (not part of a Llama model or "
+                             "a BERT encoder)", "(remove it from the source)"))
     variant = (gguf_type or "Q4_0")[-1]
     not_2d = [t for t in plan.quantized if len(t.shape) != 2]  # 2-D rows that no block type holds: F16, wider()
     for t in plan.quantized:
@@ -137,8 +142,8 @@ def hf_config(config: dict):
     from transformers import AutoConfig
 
     raw = {k: v for k, v in config.items() if k != "quantization_config"}
-    if raw.get("model_type") not in ARCHS:
-        raise bad_input(f"--format gguf writes Llama-architecture models ({', '.join(ARCHS.values())}); this one is "
+    if raw.get("model_type") not in (*ARCHS, gguf_bert.MODEL_TYPE):
+        raise bad_input(f"--format gguf writes {', '.join(WRITTEN)}; this one is "
                         f"{raw.get('model_type')!r} ({', '.join(raw.get('architectures') or [])}). Use --format "
                         "bnb or compressed-tensors for it")
     return AutoConfig.for_model(**raw)
@@ -199,22 +204,39 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
         raise bad_input(f"{dst}: a GGUF model is one file; name the destination like model-Q4_0.gguf")
     gguf_type = check_type(gguf_type)
     cfg = hf_config(src.config)
-    theta, scaling = rope(cfg)
-    names = tensor_names(src.names, cfg.num_hidden_layers)
-    tensors = [t for t in plan.tensors if not t.name.endswith("rotary_emb.inv_freq")]
+    bert = cfg.model_type == gguf_bert.MODEL_TYPE
+    if bert:
+        gguf_bert.check_config(cfg)
+        if calib is not None:
+            raise bad_input("--format gguf --calib runs Llama-family models block by block; a BERT encoder is written "
+                            "with llama.cpp's own rounding: drop --calib")
+        names = gguf_bert.tensor_names(src.names, cfg.num_hidden_layers)
+        tensors = [t for t in plan.tensors if not gguf_bert.dropped(t.name)]
+    else:
+        theta, scaling = rope(cfg)
+        names = tensor_names(src.names, cfg.num_hidden_layers)
+        tensors = [t for t in plan.tensors if not t.name.endswith("rotary_emb.inv_freq")]
     tensors, f16, wide_notes = wider(tensors)
+    tensors, f32 = kept_f32(tensors, names)
+    tensors, emb_notes = embeddings_default(tensors, names, recipe, gguf_type)
+    wide_notes = [*emb_notes, *wide_notes]
     plan_view = type(plan)(tensors, plan.recipe)
     check(plan_view, recipe, gguf_type, names, calibrated=calib is not None)
     variant = (gguf_type or "Q4_0")[-1]
     items = []
     for t in tensors:
-        qtype = type_for(t.spec.bits, variant) if t.quantized else ("F16" if t.name in f16 else dense_type(t))
+        qtype = (type_for(t.spec.bits, variant) if t.quantized else "F32" if t.name in f32
+                 else "F16" if t.name in f16 else dense_type(t))
         items.append(Item(t, [(names[t.name], torch.uint8, (type_bytes(qtype, t.shape),))], qtype,
                           {"qtype": qtype, "gguf_name": names[t.name]}, {"gguf_name": names[t.name]}))
-    voc = gguf_vocab.vocab(src.path, src.config, cfg.vocab_size)  # refuses an unknown pre-tokenizer up front
-    notes = [gguf_vocab.describe(voc), *wide_notes]
-    if len(tensors) < len(plan.tensors):
-        notes.append("rotary_emb.inv_freq buffers are not written (llama.cpp recomputes them)")
+    if bert:  # refuses a missing tokenizer or an unsupported pooling up front
+        voc, pool = gguf_bert.vocab(src.path, src.config), gguf_bert.pooling(src.path)
+        notes = [*gguf_bert.describe(voc, pool), *wide_notes]
+    else:
+        voc = gguf_vocab.vocab(src.path, src.config, cfg.vocab_size)  # refuses an unknown pre-tokenizer up front
+        notes = [gguf_vocab.describe(voc), *wide_notes]
+        if len(tensors) < len(plan.tensors):
+            notes.append("rotary_emb.inv_freq buffers are not written (llama.cpp recomputes them)")
     result = result_dict("gguf", src_path, dst, dry_run, plan_view, items, recipe_info, notes=notes)
     if dry_run:
         return result
@@ -229,30 +251,15 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
 
     with spill_for(calib, dst) as spill, AtomicOutput(dst, folder=False, force=force) as out:
         result["calibration"] = calibrate(src, src_path, plan_view, calib, spill, progress, quantizer, "gguf")
-        w = g.GGUFWriter(out.tmp, "llama")
+        w = g.GGUFWriter(out.tmp, gguf_bert.MODEL_TYPE if bert else "llama")
         w.add_name(os.path.basename(os.path.normpath(src.path)))
         w.add_quantized_by(f"kbit {__version__}")
         w.add_file_type(int(ftype))
         w.add_quantization_version(g.GGML_QUANT_VERSION)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        w.add_rope_dimension_count(head_dim)
-        if head_dim != cfg.hidden_size // cfg.num_attention_heads:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        w.add_rope_freq_base(theta)
-        if scaling:
-            w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(scaling["factor"]))
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        if voc:
-            gguf_vocab.write(w, voc)
+        if bert:
+            gguf_bert.write_header(w, cfg, voc, pool)
+        else:
+            llama_header(w, cfg, theta, scaling, voc)
         for i in items:
             shape = (*i.plan.shape[:-1], type_bytes(i.extra["qtype"], i.plan.shape[-1:]))  # byte shape, same rank
             w.add_tensor_info(names[i.name], shape, np.dtype(np.uint8), i.out_bytes(),
@@ -272,8 +279,80 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
     return result
 
 
+# What llama-quantize does with the two vocabulary-sized tensors: token_embd at the file's type, `output` (the
+# output layer; for a tied model or an encoder token_embd itself) at a wider type (Q6_K). kbit writes no K-quant:
+# the nearest wider type it writes is Q8_0. Measured on SmolLM2-135M (tied; benchmarks/kbit_embedding.py, 4,096
+# TinyStories tokens): embedding + lm_head at 8-bit int cost nothing over keeping them dense (ΔNLL +0.1639 vs
+# +0.1646 with the projections at nf4), at 4 bits +0.26.
+WIDE_TYPE_BITS = 8
+
+
+def embeddings_default(tensors: list, names: dict[str, str], recipe, gguf_type: str | None) -> tuple[list, list[str]]:
+    """With the recipe's default targets (no `targets:` list), the GGUF default for the embedding and output
+    layers, as llama.cpp users expect (a Q4_0 SmolLM2 is 173 MB with token_embd F32, 90 MB like this): token_embd
+    at the file's type when the model has its own output layer, else (tied, or an encoder) Q8_0; an `output` layer
+    at Q8_0. Shown in the plan; `--ignore` or explicit targets keep them as they are."""
+    if recipe.targets is not None:
+        return tensors, []
+    gguf_names = {names.get(t.name): t for t in tensors}
+    has_output = "output.weight" in gguf_names
+    file_bits = int(gguf_type[1]) if gguf_type else recipe.bits
+    wanted = {"output.weight": WIDE_TYPE_BITS, "token_embd.weight": file_bits if has_output else WIDE_TYPE_BITS}
+    out, notes = list(tensors), []
+    for gname, bits in wanted.items():
+        t = gguf_names.get(gname)
+        if t is None or t.quantized or any(matches(p, t.name) for p in recipe.ignore) or len(t.shape) != 2 \
+                or t.shape[-1] % BLOCK:
+            continue
+        if not t.dtype.is_floating_point:
+            continue
+        spec = Spec(bits, BLOCK, "int", False, "fp16", 1, "rtn")
+        why = "" if gname == "output.weight" or has_output else " (also the output layer)"
+        rule = f"gguf default: {gname.removesuffix('.weight')} {type_for(bits, (gguf_type or 'Q4_0')[-1])}{why}"
+        out[out.index(t)] = dataclasses.replace(t, spec=spec, rule=rule, block_label=BLOCK)
+        notes.append(f"{t.name} ({gname}) written {type_for(bits, (gguf_type or 'Q4_0')[-1])}, as llama.cpp's own "
+                     f"quantizer does{why}; --ignore '{module_glob(t.name)}' keeps it as stored")
+    return out, notes
+
+
+def kept_f32(tensors: list, names: dict[str, str]) -> tuple[list, set[str]]:
+    """position_embd / token_types (BERT): F32 whatever the plan says, as convert_hf_to_gguf.py writes them; a
+    targeted one keeps its plan row with that rule."""
+    keep = {t.name for t in tensors if names.get(t.name) in gguf_bert.F32_ALWAYS}
+    rule = "F32: llama.cpp keeps {} in F32"
+    out = [dataclasses.replace(t, spec=None, rule=rule.format(names[t.name].removesuffix(".weight")))
+           if t.name in keep and t.quantized else t for t in tensors]
+    return out, keep
+
+
+def llama_header(w, cfg, theta: float, scaling: dict, voc: dict | None) -> None:
+    """llama.* hyperparameters and the tokenizer into a GGUFWriter (arch "llama")."""
+    g = gguf()
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_freq_base(theta)
+    if scaling:
+        w.add_rope_scaling_type(g.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if voc:
+        gguf_vocab.write(w, voc)
+
+
 def to_llama_rows(w: torch.Tensor, gguf_name: str, cfg) -> torch.Tensor:
-    """q/k rows (or anything indexed by them: codes, block scales) in llama.cpp's rotary order."""
+    """q/k rows (or anything indexed by them: codes, block scales) in llama.cpp's rotary order (BERT has none)."""
+    if cfg.model_type not in ARCHS:
+        return w
     if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
         return permute(w, cfg.num_attention_heads, cfg.num_attention_heads)
     if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):

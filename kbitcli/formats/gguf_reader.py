@@ -5,6 +5,9 @@ the `gguf` package's own name table, q/k rows are un-permuted (the inverse of co
 permute), blocks are dequantized with `gguf.quants.dequantize` (every type it knows: Q4_0..Q8_0, K-quants,
 IQ-quants), and config.json is rebuilt from the `llama.*` metadata. `kbit decode model.gguf OUT` therefore gives
 a dense transformers folder (weights, config.json and the tokenizer transformers builds from the GGUF).
+BERT files (`general.architecture = bert`, as kbit and convert_hf_to_gguf.py write them) read back to
+transformers' BertModel names and config, with a WordPiece tokenizer rebuilt from the vocabulary
+(formats/gguf_bert.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from kbitcli.core.blockwise import finite
 from kbitcli.errors import KbitError, bad_input
+from kbitcli.formats import gguf_bert
 from kbitcli.formats.gguf_format import ARCHS, gguf
 from kbitcli.io.dtypes import from_safetensors
 
@@ -51,10 +55,14 @@ class GgufCheckpoint:
         arch = self.field("general.architecture")
         if arch is None:
             raise bad_input(f"{path}: the GGUF metadata has no general.architecture; {FIX}")
-        if arch != "llama":
-            raise bad_input(f"{path}: GGUF architecture {arch!r:.40}; kbit reads Llama-architecture GGUF files "
-                            "(use transformers' from_pretrained(..., gguf_file=...) for others)")
+        if arch not in ("llama", gguf_bert.MODEL_TYPE):
+            raise bad_input(f"{path}: GGUF architecture {arch!r:.40}; kbit reads Llama-architecture and BERT GGUF "
+                            "files (use transformers' from_pretrained(..., gguf_file=...) for others)")
+        self.arch = arch
         self.meta = {f: self.field(f) for f in self.reader.fields}
+        if arch == gguf_bert.MODEL_TYPE:
+            self.read_bert()
+            return
         check_meta(path, self.meta)
         n_layers = self.meta["llama.block_count"]
         self.n_head = self.meta["llama.attention.head_count"]
@@ -68,20 +76,40 @@ class GgufCheckpoint:
             raise bad_input(f"{path}: the GGUF metadata's llama.block_count {n_layers} needs at least "
                             f"{n_layers * len(LAYER)} tensors and the file has {len(self.reader.tensors)}; {FIX}")
         names = self.hf_names(n_layers)
+        if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
+            raise bad_input(f"{path}: rope_freqs (Llama 3 rope scaling) has no transformers weight; kbit reads GGUF "
+                            "files without it")
+        self.map_names(names, "llama", FIX)
+        self.check_tensors({hf: gg for gg, hf in names.items()}, n_layers, hidden)
+        self.config = self.hf_config()
+
+    def read_bert(self) -> None:
+        """A BERT encoder: bert.* metadata checked, weights named and shaped as the metadata implies, BertModel's
+        config rebuilt."""
+        gguf_bert.check_meta(self.path, self.meta)
+        n_layers = self.meta["bert.block_count"]
+        need = n_layers * len(gguf_bert.LAYER) + len(gguf_bert.EMBEDDINGS)  # before naming every block it claims
+        if need > len(self.reader.tensors):
+            raise bad_input(f"{self.path}: the GGUF metadata's bert.block_count {n_layers} needs at least {need} "
+                            f"tensors and the file has {len(self.reader.tensors)}; {gguf_bert.FIX}")
+        names = gguf_bert.hf_names(n_layers)
+        self.map_names(names, "bert", gguf_bert.FIX)
+        shown = f"embedding_length {self.meta['bert.embedding_length']}, feed_forward_length " \
+                f"{self.meta['bert.feed_forward_length']}"
+        self.check_shapes(gguf_bert.wanted_shapes(self.meta), {hf: gg for gg, hf in names.items()}, "bert", shown)
+        self.config = gguf_bert.hf_config(self.meta, {n: self.shape(n) for n in self.names})
+
+    def map_names(self, names: dict[str, str], arch: str, fix: str) -> None:
+        """self.tensors / self.names under transformers' names; a tensor the table does not name is refused."""
         self.tensors = {}  # HF name -> ReaderTensor
         self.names = []
         for t in self.reader.tensors:
             hf = names.get(t.name)
             if hf is None:
-                if t.name == "rope_freqs.weight":
-                    raise bad_input(f"{path}: rope_freqs (Llama 3 rope scaling) has no transformers weight; kbit "
-                                    "reads GGUF files without it")
-                raise bad_input(f"{path}: tensor {t.name!r} has no transformers Llama name (llama.block_count is "
-                                f"{n_layers}); {FIX}")
+                raise bad_input(f"{self.path}: tensor {t.name!r} has no transformers name for architecture {arch} "
+                                f"({arch}.block_count is {self.meta.get(f'{arch}.block_count')}); {fix}")
             self.tensors[hf] = t
             self.names.append(hf)
-        self.check_tensors({hf: gg for gg, hf in names.items()}, n_layers, hidden)
-        self.config = self.hf_config()
 
     def damaged(self, name: str, what: str) -> KbitError:
         """Exit 1, worded as KbitCheckpoint's: the tensors disagree with the metadata or hold NaN/Inf scales."""
@@ -97,15 +125,19 @@ class GgufCheckpoint:
             want[f"model.layers.{i}.self_attn.q_proj.weight"] = (self.n_head * self.head_dim, hidden)
             want[f"model.layers.{i}.self_attn.k_proj.weight"] = (self.n_head_kv * self.head_dim, hidden)
             want[f"model.layers.{i}.mlp.up_proj.weight"] = (self.meta["llama.feed_forward_length"], hidden)
+        self.check_shapes(want, gguf_names, "llama", f"head_count {self.n_head}/{self.n_head_kv}, head dim "
+                          f"{self.head_dim}")
+
+    def check_shapes(self, want: dict, gguf_names: dict[str, str], arch: str, shown_meta: str) -> None:
+        n_layers = self.meta[f"{arch}.block_count"]
         for hf, shape in want.items():
             if hf not in self.tensors:
-                raise self.damaged(hf, f"the file has no {gguf_names.get(hf, hf)} though its llama.block_count is "
+                raise self.damaged(hf, f"the file has no {gguf_names.get(hf, hf)} though its {arch}.block_count is "
                                    f"{n_layers}")
             got = self.shape(hf)
             if shape and (len(got) != len(shape) or any(w not in (None, g) for w, g in zip(shape, got))):
                 shown = [w if w is not None else "*" for w in shape]
-                raise self.damaged(hf, f"it is {list(got)} where the llama.* metadata implies {shown} (head_count "
-                                   f"{self.n_head}/{self.n_head_kv}, head dim {self.head_dim})")
+                raise self.damaged(hf, f"it is {list(got)} where the {arch}.* metadata implies {shown} ({shown_meta})")
 
     def field(self, key: str):
         f = self.reader.fields.get(key)
@@ -183,6 +215,8 @@ class GgufCheckpoint:
             if not finite(w):
                 raise self.damaged(name, f"NaN or Inf in its {kind} block scales")
         w = w.reshape(self.shape(name))
+        if self.arch != "llama":  # rotary rows are Llama's only
+            return w.to(dtype or self.orig_dtype(name))
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
             w = unpermute(w, self.n_head)
         elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
@@ -202,6 +236,8 @@ class GgufCheckpoint:
 
     def write_side_files(self, folder: str) -> list[str]:
         """The tokenizer transformers builds from the GGUF's tokenizer.ggml.* metadata, saved into folder."""
+        if self.arch == gguf_bert.MODEL_TYPE:
+            return gguf_bert.save_tokenizer(self.meta, folder)
         if not self.meta.get("tokenizer.ggml.tokens"):
             return []
         from transformers import AutoTokenizer

@@ -87,6 +87,34 @@ def kind(tj: dict) -> str | None:
     return "gpt2" if any(p.get("type") == "ByteLevel" for p in parts) else None
 
 
+def token_list(tok, n_vocab: int, where: str) -> tuple[list[str], list[int]]:
+    """(tokens, token types) by id, as llama.cpp's converter lists them: unused ids padded `[PADi]`, added tokens
+    CONTROL (special) or USER_DEFINED (normalized as llama.cpp matches them), the rest NORMAL."""
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    if max(by_id) >= n_vocab:
+        raise bad_input(f"{where}: token id {max(by_id)} is past the model's vocab_size {n_vocab} (config.json); the "
+                        "tokenizer does not belong to this model")
+    added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+            continue
+        t = NORMAL
+        if token in added:
+            if not decoder[i].normalized:  # llama.cpp matches added tokens on normalized text
+                token = tok.decode(tok.encode(token, add_special_tokens=False))
+            if decoder[i].special or looks_special(token):
+                t = CONTROL
+            else:
+                t, token = USER_DEFINED, token.replace("\u2581", " ")
+        tokens.append(token)
+        types.append(t)
+    return tokens, types
+
+
 def vocab(folder: str, config: dict, n_vocab: int) -> dict | None:
     """What write() puts in the file, or None when the folder has no tokenizer kbit writes (see the docstring)."""
     path = os.path.join(folder, "tokenizer.json")
@@ -172,29 +200,7 @@ def byte_level(folder: str, path: str, n_vocab: int) -> dict:
                         "llama.cpp split text unlike transformers; convert this model with llama.cpp's "
                         "convert_hf_to_gguf.py (after adding its tokenizer to convert_hf_to_gguf_update.py), or use "
                         "--format bnb or compressed-tensors")
-    by_id = {i: t for t, i in tok.get_vocab().items()}
-    if max(by_id) >= n_vocab:
-        raise bad_input(f"{path}: token id {max(by_id)} is past the model's vocab_size {n_vocab} (config.json); the "
-                        "tokenizer does not belong to this model")
-    added = tok.get_added_vocab()
-    decoder = tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-            continue
-        t = NORMAL
-        if token in added:
-            if not decoder[i].normalized:  # llama.cpp matches added tokens on normalized text
-                token = tok.decode(tok.encode(token, add_special_tokens=False))
-            if decoder[i].special or looks_special(token):
-                t = CONTROL
-            else:
-                t, token = USER_DEFINED, token.replace("\u2581", " ")
-        tokens.append(token)
-        types.append(t)
+    tokens, types = token_list(tok, n_vocab, path)
     special = special_vocab(folder, load_merges=True, n_vocab=n_vocab)
     if not special.merges:
         raise bad_input(f"{path}: a byte-level BPE tokenizer without merges; re-save it with transformers")

@@ -9,6 +9,7 @@ assigned in place. No full-precision copy of a quantized weight is ever allocate
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -67,8 +68,13 @@ def _load_foreign(reader, dtype, tokenizer: bool):
     if "model_type" not in raw:
         raise bad_input(f"{path}: no config.json with a model_type; cannot build the model")
     config = AutoConfig.for_model(**raw)
+    cls = model_class(config)
+    extra = {}
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters and \
+            not any(n.startswith(("pooler.", "bert.pooler.")) for n in reader.names):
+        extra["add_pooling_layer"] = False  # a BERT GGUF carries no pooler (llama.cpp pools by itself)
     with params_on_meta(), hf_init.no_init_weights():  # parameters cost nothing until assigned; buffers stay real
-        model = model_class(config)._from_config(config)
+        model = cls._from_config(config, **extra)
     keys = set(model.state_dict())
     state = {n: reader.tensor(n, dtype) for n in reader.names if n in keys}
     model.load_state_dict(state, strict=False, assign=True)

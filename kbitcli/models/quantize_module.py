@@ -107,7 +107,10 @@ def encode_module(model: nn.Module, recipe: Recipe | None = None, *, inplace: bo
     recipe = recipe or Recipe()
     plan = plan_module(model, recipe)  # every error before any work or any change to the model
     if not inplace:
-        model = copy.deepcopy(model)
+        # the copy shares the weights about to be replaced (never written to) instead of copying them: peak
+        # memory is the dense model plus the k-bit one, not two dense models
+        tensors, _ = named_tensors(model)
+        model = copy.deepcopy(model, memo={id(tensors[tp.name]): tensors[tp.name] for tp in plan.quantized})
     tensors, aliases = named_tensors(model)
     replaced: dict[str, nn.Module] = {}
     for tp in plan.quantized:

@@ -2,9 +2,9 @@
 it needs llama-cpp-python, a long source build).
 
     .venv/bin/python benchmarks/engines_check.py [MODEL[:TYPE] ...] [--llama-python /tmp/llvenv/bin/python]
-        [--tokens 256] [--threads 2] [--out DIR] [--json]
+        [--tokens 256] [--threads 2] [--out DIR] [--tokenizer DIR] [--json]
 
-MODEL is a dense Llama or BERT folder (default: the bundled stories260K), TYPE a GGUF type (default Q4_0; stories260K's
+MODEL is a dense Llama, Qwen2 or BERT folder (default: the bundled stories260K), TYPE a GGUF type (default Q4_0; stories260K's
 FFN rows of 172 are kept F32 by an --override, as llama.cpp needs rows that are multiples of 32). For each:
   1. `kbit encode MODEL OUT/NAME-TYPE.gguf --format gguf --gguf-type TYPE` (kbit's Python API);
   2. llama.cpp (llama-cpp-python) loads the file (yes/no; its error line when no), tokenizes the bundled texts
@@ -26,6 +26,10 @@ transformers' BertModel) on the transformers tokenization, mean-pooled over the 
 lines tokenized equally, the cosine of llama.cpp's pooled embedding vs kbit's (min / mean over lines), and, for
 scale, the cosine of each vs the dense model's (what the quantization itself costs). Tensors the plan wrote F16
 (rows not a multiple of 32) are counted in the first line.
+
+--tokenizer DIR: for a decoder folder saved without a tokenizer (benchmarks/qwen2_models.py from-llama: SmolLM2's
+weights as a Qwen2), the tokenizer to compare with; its vocabulary, as kbit writes it, is grafted into the GGUF after
+the export (qwen2_models.graft_vocab), so llama.cpp can load the file.
 
 llama-cpp-python may live in another virtual environment (it needs only numpy): --llama-python names its
 interpreter, and this script runs its llama.cpp half there (`--worker JOB`), exchanging JSON and .npy files.
@@ -125,7 +129,8 @@ def run_llama(job: dict, out: str, llama_python: str, row: dict) -> dict | None:
         return json.load(fh)
 
 
-def check(model: str, gguf_type: str, out: str, llama_python: str, n_tokens: int, threads: int) -> dict:
+def check(model: str, gguf_type: str, out: str, llama_python: str, n_tokens: int, threads: int,
+          tokenizer: str | None = None) -> dict:
     import numpy as np
     import torch
     from transformers import AutoTokenizer
@@ -133,9 +138,13 @@ def check(model: str, gguf_type: str, out: str, llama_python: str, n_tokens: int
     from kbitcli.models.load import load_model
 
     dst, _ = export(model, gguf_type, out)
+    if tokenizer:
+        from qwen2_models import graft_vocab
+
+        graft_vocab(dst, tokenizer)
     texts = {os.path.basename(p): open(p, encoding="utf-8").read().strip()
              for p in sorted(glob.glob(os.path.join(HERE, "..", "kbitcli", "assets", "text", "*.txt")))}
-    tok = AutoTokenizer.from_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(tokenizer or model)
     ids = tok(texts["tinystories_v2_valid_first48k.txt"]).input_ids[:n_tokens]
     row = {"model": model, "type": gguf_type, "gguf": dst, "bytes": os.path.getsize(dst), "tokens": len(ids)}
     job = {"gguf": dst, "n_ctx": max(64, len(ids)), "threads": threads, "texts": list(texts.values()), "ids": ids,
@@ -263,6 +272,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="where the GGUF files go (default: a temporary folder)")
+    ap.add_argument("--tokenizer", help="tokenizer folder for decoder MODELs saved without one (grafted into the GGUF)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -282,7 +292,8 @@ def main() -> None:
             if is_bert(model):
                 rows.append(check_embeddings(model, gguf_type.upper(), out, args.llama_python, args.threads))
             else:
-                rows.append(check(model, gguf_type.upper(), out, args.llama_python, args.tokens, args.threads))
+                rows.append(check(model, gguf_type.upper(), out, args.llama_python, args.tokens, args.threads,
+                                  args.tokenizer))
             if not args.json:
                 show(rows[-1])
     if args.json:

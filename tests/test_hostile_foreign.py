@@ -269,7 +269,7 @@ def test_gguf_without_required_metadata_is_bad_input(exports, tmp_path, key):
 
 
 @pytest.mark.parametrize("set_, words", [
-    ({"general.architecture": "qwen2"}, ["architecture 'qwen2'", "Llama-architecture"]),
+    ({"general.architecture": "gemma2"}, ["architecture 'gemma2'", "Llama-architecture"]),
     ({"llama.block_count": 0}, ["llama.block_count is 0", "positive integer"]),
     ({"llama.block_count": 6}, ["llama.block_count 6 needs at least 54 tensors"]),
     ({"llama.block_count": 4}, ["'blk.4.", "llama.block_count is 4"]),  # a block the metadata does not count

@@ -183,7 +183,8 @@ def test_refuses_non_llama_and_non_gguf_destination(stories_dir, tmp_path, tmp_p
 
     gpt2 = str(tmp_path_factory.mktemp("gpt2") / "gpt2")
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(gpt2)
-    with pytest.raises(KbitError, match="writes LlamaForCausalLM, MistralForCausalLM, BertModel.*'gpt2'"):
+    with pytest.raises(KbitError,
+                       match="writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, BertModel.*'gpt2'"):
         encode(gpt2, str(tmp_path / "m.gguf"), Recipe(bits=4, block_size=32, dtype="int", scale_search=1),
                fmt="gguf")
     with pytest.raises(KbitError, match="one file"):

@@ -9,12 +9,13 @@ not (stories260K's FFN of 172) is written F16 instead, the nearest type llama.cp
 says so before any work (its rule and a note); `--override X=skip` keeps it as stored (F32/F16/BF16) —
 llama.cpp runs mixed-type files.
 
-The file carries what llama.cpp needs for a Llama model, named as convert_hf_to_gguf.py names it:
+The file carries what llama.cpp needs for a Llama model (Mistral too), named as convert_hf_to_gguf.py names it:
 `general.architecture = llama`, `llama.context_length`, `.embedding_length`, `.block_count`,
 `.feed_forward_length`, `.attention.head_count(_kv)`, `.rope.freq_base`, `.rope.dimension_count`,
 `.attention.layer_norm_rms_epsilon`, `.vocab_size`, the tokenizer (`tokenizer.ggml.*`: formats/gguf_vocab.py),
 and tensors under llama.cpp's names (token_embd, blk.N.attn_q, ...), with q/k rows permuted as llama.cpp's
-rotary embedding expects them. The reader (GgufCheckpoint, formats/gguf_reader.py) undoes all of it.
+rotary embedding expects them. Qwen2 is the same with `qwen2.*` keys, q/k/v biases and no permutation (llama.cpp
+rotates qwen2 in NEOX style, HF's own row order). The reader (GgufCheckpoint, formats/gguf_reader.py) undoes it all.
 BERT encoders (all-MiniLM-L6-v2: llama.cpp serves their sentence embeddings) are written as the converter's
 BertModel writes them: formats/gguf_bert.py.
 """
@@ -44,8 +45,10 @@ from kbitcli.recipes import matches
 DEFAULTS = {"bits": 4, "block_size": 32, "dtype": "int"}
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 BLOCK, ROW_CHUNK = 32, 1 << 20
-ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # rotary q/k rows permuted (to_llama_rows)
-WRITTEN = [*ARCHS.values(), "BertModel (sentence embeddings)"]  # what the refusal names
+# model_type -> (GGUF architecture, transformers class, q/k rows permuted to llama.cpp's interleaved rotary order)
+ARCHS = {"llama": ("llama", "LlamaForCausalLM", True), "mistral": ("llama", "MistralForCausalLM", True),
+         "qwen2": ("qwen2", "Qwen2ForCausalLM", False)}
+WRITTEN = [a[1] for a in ARCHS.values()] + ["BertModel (sentence embeddings)"]  # what the refusal names
 
 
 def gguf():
@@ -84,8 +87,8 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
                          f"--bits {gguf_type[1]}"))
     for t in plan.tensors:
         if t.name not in names:
-            problems.append((f"{module_glob(t.name)!r} has no llama.cpp tensor name (not part of a Llama model or "
-                             "a BERT encoder)", "(remove it from the source)"))
+            problems.append((f"{module_glob(t.name)!r} has no llama.cpp tensor name (not part of a Llama/Qwen2 "
+                             "model or a BERT encoder)", "(remove it from the source)"))
     variant = (gguf_type or "Q4_0")[-1]
     not_2d = [t for t in plan.quantized if len(t.shape) != 2]  # 2-D rows that no block type holds: F16, wider()
     for t in plan.quantized:
@@ -146,7 +149,11 @@ def hf_config(config: dict):
         raise bad_input(f"--format gguf writes {', '.join(WRITTEN)}; this one is "
                         f"{raw.get('model_type')!r} ({', '.join(raw.get('architectures') or [])}). Use --format "
                         "bnb or compressed-tensors for it")
-    return AutoConfig.for_model(**raw)
+    cfg = AutoConfig.for_model(**raw)
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):  # llama.cpp's qwen2 attends to all of it
+        raise bad_input(f"--format gguf: this {raw['model_type']} model uses sliding-window attention, which "
+                        "llama.cpp's graph for it does not; use --format bnb or compressed-tensors for it")
+    return cfg
 
 
 def rope(cfg) -> tuple[float, dict]:
@@ -159,9 +166,9 @@ def rope(cfg) -> tuple[float, dict]:
     return float(theta), params if kind == "linear" else {}
 
 
-def tensor_names(src_names, n_layers: int) -> dict[str, str]:
+def tensor_names(src_names, n_layers: int, arch: str = "llama") -> dict[str, str]:
     g = gguf()
-    tmap = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, n_layers)
+    tmap = g.get_tensor_name_map(g.MODEL_ARCH[arch.upper()], n_layers)
     out = {}
     for n in src_names:
         if n.endswith("rotary_emb.inv_freq"):
@@ -214,7 +221,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
         tensors = [t for t in plan.tensors if not gguf_bert.dropped(t.name)]
     else:
         theta, scaling = rope(cfg)
-        names = tensor_names(src.names, cfg.num_hidden_layers)
+        names = tensor_names(src.names, cfg.num_hidden_layers, ARCHS[cfg.model_type][0])
         tensors = [t for t in plan.tensors if not t.name.endswith("rotary_emb.inv_freq")]
     tensors, f16, wide_notes = wider(tensors)
     tensors, f32 = kept_f32(tensors, names)
@@ -251,7 +258,7 @@ def export(src, src_path: str, dst: str, plan, recipe, recipe_info: dict, *, for
 
     with spill_for(calib, dst) as spill, AtomicOutput(dst, folder=False, force=force) as out:
         result["calibration"] = calibrate(src, src_path, plan_view, calib, spill, progress, quantizer, "gguf")
-        w = g.GGUFWriter(out.tmp, gguf_bert.MODEL_TYPE if bert else "llama")
+        w = g.GGUFWriter(out.tmp, gguf_bert.MODEL_TYPE if bert else ARCHS[cfg.model_type][0])
         w.add_name(os.path.basename(os.path.normpath(src.path)))
         w.add_quantized_by(f"kbit {__version__}")
         w.add_file_type(int(ftype))
@@ -326,7 +333,7 @@ def kept_f32(tensors: list, names: dict[str, str]) -> tuple[list, set[str]]:
 
 
 def llama_header(w, cfg, theta: float, scaling: dict, voc: dict | None) -> None:
-    """llama.* hyperparameters and the tokenizer into a GGUFWriter (arch "llama")."""
+    """llama.* (qwen2.*: the writer's arch) hyperparameters and the tokenizer into a GGUFWriter."""
     g = gguf()
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -351,7 +358,7 @@ def llama_header(w, cfg, theta: float, scaling: dict, voc: dict | None) -> None:
 
 def to_llama_rows(w: torch.Tensor, gguf_name: str, cfg) -> torch.Tensor:
     """q/k rows (or anything indexed by them: codes, block scales) in llama.cpp's rotary order (BERT has none)."""
-    if cfg.model_type not in ARCHS:
+    if not ARCHS.get(cfg.model_type, ("", "", False))[2]:
         return w
     if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
         return permute(w, cfg.num_attention_heads, cfg.num_attention_heads)

@@ -1,10 +1,12 @@
-"""Reading a llama.cpp GGUF file back as the Hugging Face model it came from (Llama architecture).
+"""Reading a llama.cpp GGUF file back as the Hugging Face model it came from (Llama and Qwen2 architectures).
 
 Tensor names go back from llama.cpp's (blk.N.attn_q) to transformers' (model.layers.N.self_attn.q_proj) through
 the `gguf` package's own name table, q/k rows are un-permuted (the inverse of convert_hf_to_gguf.py's
 permute), blocks are dequantized with `gguf.quants.dequantize` (every type it knows: Q4_0..Q8_0, K-quants,
 IQ-quants), and config.json is rebuilt from the `llama.*` metadata. `kbit decode model.gguf OUT` therefore gives
 a dense transformers folder (weights, config.json and the tokenizer transformers builds from the GGUF).
+Qwen2 files (`general.architecture = qwen2`) are read the same way from their `qwen2.*` metadata, without the
+un-permutation (llama.cpp rotates qwen2's rows in HF's order), and must hold q/k/v biases (Qwen2 always has them).
 BERT files (`general.architecture = bert`, as kbit and convert_hf_to_gguf.py write them) read back to
 transformers' BertModel names and config, with a WordPiece tokenizer rebuilt from the vocabulary
 (formats/gguf_bert.py).
@@ -25,14 +27,15 @@ from kbitcli.formats.gguf_format import ARCHS, gguf
 from kbitcli.io.dtypes import from_safetensors
 
 DENSE = ("F32", "F16", "BF16")  # GGUF's dense types, named as safetensors names them (io/dtypes.py)
-# the llama.* metadata config.json is rebuilt from: key -> required (convert_hf_to_gguf.py writes every one of these)
-COUNTS = {"llama.block_count": True, "llama.embedding_length": True, "llama.feed_forward_length": True,
-          "llama.attention.head_count": True, "llama.attention.head_count_kv": False, "llama.context_length": False,
-          "llama.vocab_size": False, "llama.attention.key_length": False, "llama.rope.dimension_count": False}
-REALS = ("llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.rope.scaling.factor")
+# the ARCH.* metadata config.json is rebuilt from: key -> required (convert_hf_to_gguf.py writes every one of these)
+COUNTS = {"block_count": True, "embedding_length": True, "feed_forward_length": True, "attention.head_count": True,
+          "attention.head_count_kv": False, "context_length": False, "vocab_size": False,
+          "attention.key_length": False, "rope.dimension_count": False}
+REALS = ("rope.freq_base", "attention.layer_norm_rms_epsilon", "rope.scaling.factor")
+DECODERS = {a[0]: (model_type, a[1], a[2]) for model_type, a in reversed(ARCHS.items())}  # llama -> LlamaForCausalLM
 LAYER = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # the weights every block has
-FIX = "not a Llama GGUF as llama.cpp's convert_hf_to_gguf.py writes it; re-convert the model with convert_hf_to_gguf.py"
+FIX = "not a {} GGUF as llama.cpp's convert_hf_to_gguf.py writes it; re-convert the model with convert_hf_to_gguf.py"
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -54,32 +57,34 @@ class GgufCheckpoint:
             raise bad_input(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:200]})") from None
         arch = self.field("general.architecture")
         if arch is None:
-            raise bad_input(f"{path}: the GGUF metadata has no general.architecture; {FIX}")
-        if arch not in ("llama", gguf_bert.MODEL_TYPE):
-            raise bad_input(f"{path}: GGUF architecture {arch!r:.40}; kbit reads Llama-architecture and BERT GGUF "
-                            "files (use transformers' from_pretrained(..., gguf_file=...) for others)")
+            raise bad_input(f"{path}: the GGUF metadata has no general.architecture; {FIX.format('Llama')}")
+        if arch not in (*DECODERS, gguf_bert.MODEL_TYPE):
+            raise bad_input(f"{path}: GGUF architecture {arch!r:.40}; kbit reads Llama-architecture (llama, qwen2) "
+                            "and BERT GGUF files (use transformers' from_pretrained(..., gguf_file=...) for others)")
         self.arch = arch
         self.meta = {f: self.field(f) for f in self.reader.fields}
         if arch == gguf_bert.MODEL_TYPE:
             self.read_bert()
             return
-        check_meta(path, self.meta)
-        n_layers = self.meta["llama.block_count"]
-        self.n_head = self.meta["llama.attention.head_count"]
-        self.n_head_kv = self.meta.get("llama.attention.head_count_kv") or self.n_head
-        hidden = self.meta["llama.embedding_length"]
-        self.head_dim = (self.meta.get("llama.attention.key_length") or self.meta.get("llama.rope.dimension_count")
+        self.m = {k.removeprefix(arch + "."): v for k, v in self.meta.items()}  # this architecture's keys, unprefixed
+        self.fix = FIX.format(DECODERS[arch][1].removesuffix("ForCausalLM"))  # "not a Qwen2 GGUF as ..."
+        check_meta(path, self.m, arch, self.fix)
+        n_layers = self.m["block_count"]
+        self.n_head = self.m["attention.head_count"]
+        self.n_head_kv = self.m.get("attention.head_count_kv") or self.n_head
+        hidden = self.m["embedding_length"]
+        self.head_dim = (self.m.get("attention.key_length") or self.m.get("rope.dimension_count")
                          or hidden // self.n_head)
         if self.head_dim % 2:  # rotary dimensions come in pairs (q and k rows are un-permuted pairwise)
-            raise bad_input(f"{path}: the GGUF metadata implies an odd head dimension {self.head_dim}; {FIX}")
+            raise bad_input(f"{path}: the GGUF metadata implies an odd head dimension {self.head_dim}; {self.fix}")
         if n_layers * len(LAYER) > len(self.reader.tensors):  # before naming the weights of every block it claims
-            raise bad_input(f"{path}: the GGUF metadata's llama.block_count {n_layers} needs at least "
-                            f"{n_layers * len(LAYER)} tensors and the file has {len(self.reader.tensors)}; {FIX}")
+            raise bad_input(f"{path}: the GGUF metadata's {arch}.block_count {n_layers} needs at least "
+                            f"{n_layers * len(LAYER)} tensors and the file has {len(self.reader.tensors)}; {self.fix}")
         names = self.hf_names(n_layers)
         if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
             raise bad_input(f"{path}: rope_freqs (Llama 3 rope scaling) has no transformers weight; kbit reads GGUF "
                             "files without it")
-        self.map_names(names, "llama", FIX)
+        self.map_names(names, arch, self.fix)
         self.check_tensors({hf: gg for gg, hf in names.items()}, n_layers, hidden)
         self.config = self.hf_config()
 
@@ -124,8 +129,11 @@ class GgufCheckpoint:
             want.update({f"model.layers.{i}.{p}.weight": None for p in LAYER})
             want[f"model.layers.{i}.self_attn.q_proj.weight"] = (self.n_head * self.head_dim, hidden)
             want[f"model.layers.{i}.self_attn.k_proj.weight"] = (self.n_head_kv * self.head_dim, hidden)
-            want[f"model.layers.{i}.mlp.up_proj.weight"] = (self.meta["llama.feed_forward_length"], hidden)
-        self.check_shapes(want, gguf_names, "llama", f"head_count {self.n_head}/{self.n_head_kv}, head dim "
+            want[f"model.layers.{i}.mlp.up_proj.weight"] = (self.m["feed_forward_length"], hidden)
+            if self.arch == "qwen2":  # transformers' Qwen2 always has q/k/v biases
+                for p, n in (("q", self.n_head), ("k", self.n_head_kv), ("v", self.n_head_kv)):
+                    want[f"model.layers.{i}.self_attn.{p}_proj.bias"] = (n * self.head_dim,)
+        self.check_shapes(want, gguf_names, self.arch, f"head_count {self.n_head}/{self.n_head_kv}, head dim "
                           f"{self.head_dim}")
 
     def check_shapes(self, want: dict, gguf_names: dict[str, str], arch: str, shown_meta: str) -> None:
@@ -151,7 +159,7 @@ class GgufCheckpoint:
     def hf_names(self, n_layers: int) -> dict[str, str]:
         """GGUF name -> HF name, by running the gguf package's HF->GGUF table over every Llama weight name."""
         g = gguf()
-        tmap = g.get_tensor_name_map(g.MODEL_ARCH.LLAMA, n_layers)
+        tmap = g.get_tensor_name_map(g.MODEL_ARCH[self.arch.upper()], n_layers)
         hf = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
         for i in range(n_layers):
             for part in ("input_layernorm", "post_attention_layernorm"):
@@ -168,23 +176,24 @@ class GgufCheckpoint:
         return out
 
     def hf_config(self) -> dict:
-        m = self.meta
-        hidden, head_dim = m["llama.embedding_length"], self.head_dim  # all checked by check_meta
-        tokens = m.get("tokenizer.ggml.tokens")
-        vocab = m.get("llama.vocab_size") or (len(tokens) if tokens else self.shape("model.embed_tokens.weight")[0])
-        cfg = {"architectures": [ARCHS["llama"]], "model_type": "llama", "hidden_size": hidden,
-               "intermediate_size": int(m["llama.feed_forward_length"]),
-               "num_hidden_layers": int(m["llama.block_count"]),
+        m = self.m
+        hidden, head_dim = m["embedding_length"], self.head_dim  # all checked by check_meta
+        tokens = self.meta.get("tokenizer.ggml.tokens")
+        vocab = m.get("vocab_size") or (len(tokens) if tokens else self.shape("model.embed_tokens.weight")[0])
+        model_type, cls, _ = DECODERS[self.arch]
+        cfg = {"architectures": [cls], "model_type": model_type, "hidden_size": hidden,
+               "intermediate_size": int(m["feed_forward_length"]), "num_hidden_layers": int(m["block_count"]),
                "num_attention_heads": self.n_head, "num_key_value_heads": self.n_head_kv, "head_dim": head_dim,
-               "vocab_size": int(vocab), "max_position_embeddings": int(m.get("llama.context_length") or 2048),
-               "rms_norm_eps": float(m.get("llama.attention.layer_norm_rms_epsilon") or 1e-5),
-               "rope_theta": float(m.get("llama.rope.freq_base") or 10000.0), "hidden_act": "silu",
-               "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self.tensors, "mlp_bias": False,
+               "vocab_size": int(vocab), "max_position_embeddings": int(m.get("context_length") or 2048),
+               "rms_norm_eps": float(m.get("attention.layer_norm_rms_epsilon") or 1e-5),
+               "rope_theta": float(m.get("rope.freq_base") or 10000.0), "hidden_act": "silu",
                "tie_word_embeddings": "lm_head.weight" not in self.tensors, "torch_dtype": "float32"}
-        if m.get("llama.rope.scaling.type") == "linear":
-            cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(m["llama.rope.scaling.factor"])}
+        if model_type == "llama":  # Qwen2's q/k/v biases are part of its architecture
+            cfg.update(attention_bias="model.layers.0.self_attn.q_proj.bias" in self.tensors, mlp_bias=False)
+        if m.get("rope.scaling.type") == "linear":
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(m["rope.scaling.factor"])}
         for key in ("bos", "eos", "pad"):
-            tid = m.get(f"tokenizer.ggml.{key}_token_id")
+            tid = self.meta.get(f"tokenizer.ggml.{key}_token_id")
             if isinstance(tid, int):
                 cfg[f"{key}_token_id"] = tid
         return cfg
@@ -215,7 +224,7 @@ class GgufCheckpoint:
             if not finite(w):
                 raise self.damaged(name, f"NaN or Inf in its {kind} block scales")
         w = w.reshape(self.shape(name))
-        if self.arch != "llama":  # rotary rows are Llama's only
+        if not DECODERS.get(self.arch, ("", "", False))[2]:  # rotary rows permuted in Llama files only
             return w.to(dtype or self.orig_dtype(name))
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
             w = unpermute(w, self.n_head)
@@ -247,22 +256,23 @@ class GgufCheckpoint:
         return list(tok.save_pretrained(folder))
 
 
-def check_meta(path: str, m: dict) -> None:
-    """The llama.* metadata hf_config reads: present where required, positive integers / numbers (a missing or
-    mistyped key was an internal error; it is bad input, exit 2, naming the key)."""
+def check_meta(path: str, m: dict, arch: str, fix: str) -> None:
+    """The ARCH.* metadata hf_config reads (m: its keys without the `ARCH.` prefix): present where required,
+    positive integers / numbers (a missing or mistyped key was an internal error; it is bad input, exit 2, naming
+    the key)."""
     for key, required in COUNTS.items():
         v = m.get(key)
         if v is None and required:
-            raise bad_input(f"{path}: the GGUF metadata has no {key}; {FIX}")
+            raise bad_input(f"{path}: the GGUF metadata has no {arch}.{key}; {fix}")
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise bad_input(f"{path}: the GGUF metadata's {key} is {v!r:.40}, not a positive integer; {FIX}")
+            raise bad_input(f"{path}: the GGUF metadata's {arch}.{key} is {v!r:.40}, not a positive integer; {fix}")
     for key in REALS:
         v = m.get(key)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
-            raise bad_input(f"{path}: the GGUF metadata's {key} is {v!r:.40}, not a positive number; {FIX}")
-    if m.get("llama.rope.scaling.type") == "linear" and m.get("llama.rope.scaling.factor") is None:
-        raise bad_input(f"{path}: the GGUF metadata has llama.rope.scaling.type linear but no "
-                        f"llama.rope.scaling.factor; {FIX}")
-    if m["llama.attention.head_count"] % (m.get("llama.attention.head_count_kv") or 1):
-        raise bad_input(f"{path}: the GGUF metadata's llama.attention.head_count {m['llama.attention.head_count']} is "
-                        f"not a multiple of llama.attention.head_count_kv {m['llama.attention.head_count_kv']}; {FIX}")
+            raise bad_input(f"{path}: the GGUF metadata's {arch}.{key} is {v!r:.40}, not a positive number; {fix}")
+    if m.get("rope.scaling.type") == "linear" and m.get("rope.scaling.factor") is None:
+        raise bad_input(f"{path}: the GGUF metadata has {arch}.rope.scaling.type linear but no "
+                        f"{arch}.rope.scaling.factor; {fix}")
+    if m["attention.head_count"] % (m.get("attention.head_count_kv") or 1):
+        raise bad_input(f"{path}: the GGUF metadata's {arch}.attention.head_count {m['attention.head_count']} is "
+                        f"not a multiple of {arch}.attention.head_count_kv {m['attention.head_count_kv']}; {fix}")

@@ -13,7 +13,7 @@ from kbitcli.io.atomic import check_destination
 from kbitcli.io.folder import weight_files
 from kbitcli.plan import Plan, make_plan, parse_size
 from kbitcli.progress import NullProgress
-from kbitcli.recipes import Recipe
+from kbitcli.recipes import Recipe, recipe_record
 
 DEFAULT_SHARD = "5GB"
 
@@ -54,11 +54,6 @@ def check_calibration(src: Source, calib) -> None:
     calib.check()
 
 
-def recipe_dict(recipe: Recipe) -> dict:
-    return {**recipe.settings(), "targets": recipe.targets, "ignore": recipe.ignore,
-            "overrides": [{"pattern": o.pattern, **o.settings} for o in recipe.overrides], "source": recipe.source}
-
-
 def _check_dst(dst: str, src_path: str, force: bool, recipe: Recipe | None = None, calib=None) -> None:
     from kbitcli.io.atomic import check_not_overlapping
 
@@ -95,7 +90,7 @@ def encode(src_path: str, dst: str, recipe: Recipe | None = None, *, max_shard_s
         options["calib"] = calib
     if not dry_run:
         _check_dst(dst, src_path, force, recipe, calib)
-    result = out.export(src, src_path, dst, plan, recipe, recipe_dict(recipe), force=force, dry_run=dry_run,
+    result = out.export(src, src_path, dst, plan, recipe, recipe_record(recipe), force=force, dry_run=dry_run,
                         progress=progress, max_shard_bytes=limit, **options)
     if dry_run:
         check_values(src, plan, progress)

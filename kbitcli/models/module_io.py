@@ -26,7 +26,7 @@ from kbitcli.io.manifest import read_manifest
 from kbitcli.models.kbit_linear import KbitLinear, share_tables
 from kbitcli.models.quantize_module import _tied, k_bit_module, kbit_modules, named_tensors, owner
 from kbitcli.plan import Plan, TensorPlan, assign_shards, parse_size
-from kbitcli.recipes import Recipe
+from kbitcli.recipes import Recipe, recipe_record
 
 DEFAULT_SHARD = "5GB"
 
@@ -70,7 +70,6 @@ def module_plan(model: nn.Module, shard_bytes: int | None) -> tuple[Plan, dict]:
             quantized[f"{name}.weight"] = m.quantized_tensor()
     current = [f"{n[:-len('.codes')]}.weight" if n in parts and n.endswith(".codes") else n
                for n in tensors if n not in parts or n.endswith(".codes")]
-    current = [n for n in current if n in quantized or n in tensors]
     recorded = {t.name: t for t in getattr(model, "kbit_plan", Plan([], Recipe())).tensors}
     rank = {n: i for i, n in enumerate(recorded)}
     current.sort(key=lambda n: rank.get(n, len(rank)))  # stable: names encode never saw keep their place, last
@@ -103,10 +102,8 @@ def save(model: nn.Module, dst: str, *, force: bool = False, max_shard_size: str
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     src = ModuleSource(model, folder)
     plan, quantized = module_plan(model, limit if folder else None)
-    recipe = plan.recipe
-    info = {**recipe.settings(), "targets": recipe.targets, "ignore": recipe.ignore,
-            "overrides": [{"pattern": o.pattern, **o.settings} for o in recipe.overrides], "source": recipe.source}
-    return kbit_write.export(src, src.path, dst, plan, recipe, info, force=force, dry_run=False,
+    return kbit_write.export(src, src.path, dst, plan, plan.recipe, recipe_record(plan.recipe), force=force,
+                             dry_run=False,
                              progress=progress or NullProgress(), max_shard_bytes=limit, prequantized=quantized)
 
 

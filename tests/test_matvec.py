@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from kbitcli.core import matvec
-from kbitcli.core.blockwise import Spec, quantize
+from kbitcli.core.blockwise import Spec, dequantize, quantize
 from kbitcli.models.kbit_linear import KbitLinear
 
 W_DOWN = "model.layers.0.mlp.down_proj.weight"  # [64, 172]: rows run across block boundaries at B = 64
@@ -33,8 +33,10 @@ def lib():
 
 
 def slab_result(m: KbitLinear, x: torch.Tensor) -> torch.Tensor:
-    """The reference: KbitLinear's torch path (dequantize by slabs, then matmul), in float64."""
-    w = m.dequantize_weight().double()
+    """The reference: the core's torch decoder (core/blockwise.dequantize, no compiled code), then matmul, in
+    float64."""
+    w = dequantize(m.quantized_tensor()).double()
+    w = w.t() if m.transposed else w  # the core gives the stored [in, out] of a Conv1D
     return x.double() @ w.t()
 
 
@@ -118,10 +120,10 @@ def test_forward_uses_kernel_and_matches_slab_path(weights, lib, dtype, monkeypa
         assert (m._use_kernel(x) is not None) == (x.numel() <= m.kernel_max_rows() * 172)
         with torch.no_grad():
             fused = m(x)
-            monkeypatch.setenv("KBIT_KERNEL", "0")
+            monkeypatch.setattr(matvec, "ENABLED", False)  # what KBIT_KERNEL=0 sets at import
             assert m._use_kernel(x) is None
             slab = m(x)
-            monkeypatch.delenv("KBIT_KERNEL")
+            monkeypatch.setattr(matvec, "ENABLED", True)
         assert fused.dtype == dtype and fused.shape == slab.shape == (*shape[:-1], 64)
         assert (fused.float() - slab.float()).abs().max() <= tol * slab.float().abs().max()
 
@@ -142,7 +144,63 @@ def test_portable_build_matches(weights, tmp_path):
     for bits in (3, 4, 8):
         m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(bits, 64, "dynamic", double_quant=True)))
         check(m, portable, 5)
+        assert torch.equal(m.packed_weight().decode_rows(portable, 0, 64), dequantize(m.quantized_tensor()))
         check(KbitLinear.from_quantized(quantize(weights[W_UP], Spec(bits, 64, "int")), transposed=True), portable, 2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_compiled_decoder_is_bit_exact(weights, lib, bits):
+    """KbitLinear's slab path decodes with the compiled kbit_decode: bit for bit the core's torch decoder (every
+    data type; fp16 / bf16 / fp32 / double-quantized scales; blocks spanning rows; row ranges that start
+    mid-block; several threads)."""
+    for dtype, block, scale_dtype, dq in (("nf", 64, "fp16", False), ("fp", 48, "bf16", False),
+                                          ("int", 1000, "fp32", False), ("quantile", 64, "fp16", True),
+                                          ("dynamic", 16, "fp16", True)):
+        for name in (W_DOWN, W_UP):
+            qt = quantize(weights[name], Spec(bits, block, dtype, double_quant=dq, scale_dtype=scale_dtype))
+            m = KbitLinear.from_quantized(qt)
+            assert torch.equal(m.dequantize_weight(), dequantize(qt))
+            for r0, r1 in ((0, 1), (1, 3), (5, m.shape[0])):
+                assert torch.equal(m.dequantize_rows(r0, r1), m.dequantize_rows_torch(r0, r1))
+    big = KbitLinear.from_quantized(quantize(torch.randn(700, 300), Spec(bits, 64, "nf", double_quant=True)))
+    pw = big.packed_weight()
+    assert torch.equal(pw.decode_rows(lib, 0, 700, threads=4), pw.decode_rows(lib, 0, 700, threads=1))
+    assert torch.equal(pw.decode_rows(lib, 0, 700, threads=4), big.dequantize_rows_torch(0, 700))
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as fh:
+        return set(next((line for line in fh if line.startswith("flags")), "").split())
+
+
+def test_the_cpus_simd_path_is_the_one_built(lib):
+    """-march=native picks the AVX-512 VBMI path where the CPU has it, else AVX2 + FMA, else the portable loop (a
+    regression here is a silent 5-10x slowdown: the portable loop is slower than fp32 dense)."""
+    flags = _cpu_flags()
+    want = 1 if {"avx512f", "avx512bw", "avx512vbmi"} <= flags else (2 if {"avx2", "fma"} <= flags else 0)
+    assert lib.kbit_has_simd() == want
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_avx2_path_matches(weights, tmp_path, bits):
+    """The AVX2 + FMA path (what AMD Zen 1-3 and most Intel client CPUs get), built on purpose where the CPU runs
+    it: every k, ragged rows (172 columns in blocks of 64), Conv1D layout, and the one-row fast walk of k = 4
+    (byte-shuffle lookups, x reordered) and k = 8 (int: computed values; nf: gathered) over whole blocks."""
+    if not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    avx2 = matvec.load(matvec.build(extra_flags=("-DKBIT_NO_AVX512",), directory=str(tmp_path)))
+    assert avx2.kbit_has_simd() == 2
+    for dtype in ("nf", "int"):
+        dq = bits % 2 == 1
+        m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(bits, 64, dtype, double_quant=dq)))
+        for rows in (1, 2, 9):
+            check(m, avx2, rows, seed=bits)
+        assert torch.equal(m.packed_weight().decode_rows(avx2, 1, 64), dequantize(m.quantized_tensor())[1:])
+        check(KbitLinear.from_quantized(quantize(weights[W_UP], Spec(bits, 48, dtype)), transposed=True), avx2, 3)
+        w = torch.randn(40, 256, generator=torch.Generator().manual_seed(bits))
+        for block in (32, 64, 256, 16):  # 16: k = 4 leaves the fast walk (it takes blocks of 32s)
+            m = KbitLinear.from_quantized(quantize(w, Spec(bits, block, dtype, double_quant=dq, scale_dtype="bf16")))
+            check(m, avx2, 1, seed=block)
 
 
 def test_build_is_cached_and_failure_falls_back(tmp_path):

@@ -13,8 +13,8 @@ and on this shared 2-core machine that cost ~8 ms per layer: see the comment in 
 Why C compiled at first use (not numba, not torch's int4/int8 packed kernels): torch's kernels cover only
 uniform integer grids (no nf, fp, quantile, dynamic; no odd k); numba is a new ~40 MB dependency whose
 vectorisation of a 16-entry register lookup is not ours to steer. The system C compiler is present wherever
-torch's own `torch.compile` works; `-march=native` uses what this CPU has (the AVX-512 VBMI path, else a
-portable loop that gcc vectorises as it can). The build takes about a second, once per machine: the library is cached per user, keyed by
+torch's own `torch.compile` works; `-march=native` uses what this CPU has (the AVX-512 VBMI path; else the
+AVX2 + FMA path, csrc/kbit_avx2.h, 8 codes at a time; else a portable loop of one code at a time). The build takes about a second, once per machine: the library is cached per user, keyed by
 the hash of the source, the flags and the CPU's feature flags, and written via an atomic rename so
 concurrent processes never load a half-written file. No compiler, a failed build or KBIT_KERNEL=0 means
 None from `kernel()` (a one-line warning on stderr, once, unless switched off on purpose), and callers keep
@@ -37,7 +37,7 @@ import torch
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "kbit_matmul.c")
 FLAGS = ["-O3", "-march=native", "-pthread", "-ffp-contract=off", "-shared", "-fPIC"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3}
 MIN_VALUES_PER_THREAD = 1 << 15  # below this a layer runs on one thread: waking a second costs more than it saves
 
@@ -89,8 +89,10 @@ def build(cc: str | None = None, extra_flags: tuple[str, ...] = (), directory: s
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    with open(SOURCE, "rb") as fh:
-        src = fh.read()
+    src = b""
+    for name in sorted(os.listdir(os.path.dirname(SOURCE))):  # the .c file and the headers it includes
+        with open(os.path.join(os.path.dirname(SOURCE), name), "rb") as fh:
+            src += name.encode() + fh.read()
     flags = FLAGS + list(extra_flags)
     key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
     directory = directory or cache_dir()
@@ -117,6 +119,8 @@ def load(path: str) -> ctypes.CDLL:
         raise RuntimeError(f"{path}: ABI version {lib.kbit_abi_version()}, expected {ABI_VERSION}")
     lib.kbit_matmul.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.kbit_matmul.restype = ctypes.c_int
+    lib.kbit_decode.argtypes = [ctypes.POINTER(Weight), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.kbit_decode.restype = ctypes.c_int
     return lib
 
 
@@ -130,11 +134,23 @@ def _kernel() -> ctypes.CDLL | None:
         return None
 
 
+# KBIT_KERNEL=0 in the environment turns the kernel off for the process; read once, at import, because a
+# batch-1 forward asks ~200 times a token and an environment lookup costs ~1 us. Tests and benchmarks that
+# compare both paths in one process flip `ENABLED` (set_enabled).
+ENABLED = os.environ.get("KBIT_KERNEL", "1") != "0"
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the kernel on or off for this process; returns the previous setting."""
+    global ENABLED
+    old, ENABLED = ENABLED, bool(on)
+    return old
+
+
 def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (KBIT_KERNEL=0, no compiler, failed build: warned once)."""
-    if os.environ.get("KBIT_KERNEL", "1") == "0":
-        return None
-    return _kernel()
+    """The compiled kernel library, or None (KBIT_KERNEL=0 / set_enabled(False), no compiler, failed build:
+    warned once)."""
+    return _kernel() if ENABLED else None
 
 
 @functools.lru_cache(maxsize=256)
@@ -172,16 +188,37 @@ class PackedWeight:
             w.dq_offset = float(scales_offset.reshape(-1)[0])
         self.struct = w
         self.ref = ctypes.byref(w)  # made once: generation calls each layer once per token, ~200 layers a token
+        self.out_shapes: dict[torch.Size, torch.Size] = {}
         self.threads_cap = max(1, self.rows * self.cols // MIN_VALUES_PER_THREAD)
 
+    def decode_rows(self, lib: ctypes.CDLL, r0: int, r1: int, threads: int | None = None) -> torch.Tensor:
+        """fp32 rows [r0, r1) of the stored matrix, bit for bit core/blockwise.dequantize's values: the slab path's
+        decoder (prefill, finetuning), ~10x faster than torch's gathers and bit unpacking."""
+        out = torch.empty((r1 - r0, self.cols), dtype=torch.float32)
+        n = max(1, min(threads or torch.get_num_threads(), (r1 - r0) * self.cols // MIN_VALUES_PER_THREAD))
+        if lib.kbit_decode(self.ref, r0 * self.cols, r1 * self.cols, out.data_ptr(), n):
+            raise ValueError(f"the kernel refused to decode rows [{r0}, {r1}) of a {self.rows}x{self.cols} weight")
+        return out
+
+    def out_shape(self, shape: torch.Size) -> torch.Size:
+        """The output's shape for an input of `shape`, checked, and remembered: building a torch.Size costs more
+        than the kernel call on a small layer, and a decode loop sees the same one or two shapes."""
+        out = self.out_shapes.get(shape)
+        if out is None:
+            if not shape or shape[-1] != self.in_features:
+                raise ValueError(f"input has {shape[-1] if shape else 0} features, the weight takes {self.in_features}")
+            out = shape[:-1] + (self.out_features,)
+            if len(self.out_shapes) < 16:
+                self.out_shapes[shape] = out
+        return out
+
     def matmul(self, lib: ctypes.CDLL, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """x: [..., in] (any float dtype) -> fp32 [..., out]. As few torch calls as it takes (each costs ~0.5 us,
+        """x: [..., in] (any float dtype) -> fp32 [..., out]. As few torch calls as it takes (each costs ~0.5-2 us,
         which at batch 1 is a visible share of a small layer's time)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, the weight takes {self.in_features}")
+        shape = self.out_shape(x.shape)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
-        y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
+        y = torch.empty(shape, dtype=torch.float32)
         n = min(threads or torch.get_num_threads(), self.threads_cap)
         if lib.kbit_matmul(self.ref, x.data_ptr(), x.numel() // self.in_features, y.data_ptr(), n):
             raise ValueError(f"the kernel refused k={self.struct.bits}, block={self.struct.block}")

@@ -34,9 +34,10 @@ from kbitcli.core.pack import unpack
 
 SLAB_VALUES = 1 << 18  # values decoded per slab (1 MB of fp32): bounds the transient, amortises ~12 small ops per slab
 # Rows of x up to which the fused kernel beats decode-by-slabs + sgemm, per k (docs/SPEED.md: measured on a
-# SmolLM2-135M MLP shape, 1 thread). k = 2, 4, 8 decode slabs with one byte-table gather (fast), so their
-# crossover comes early; other k unpack bits in torch first, and the kernel wins up to prefill sizes.
-KERNEL_MAX_ROWS = {2: 24, 4: 24, 8: 48, 3: 128, 5: 128, 6: 128, 7: 128}
+# SmolLM2-135M MLP shape, 1 thread, AVX2). Both sides are compiled code (the slabs are decoded by the same
+# library's kbit_decode), so the kernel wins only while one decode serves every row of x: up to 8 (one group
+# of rows), fewer for k = 2, 3, whose multi-row walk extracts codes that straddle bytes.
+KERNEL_MAX_ROWS = {2: 4, 3: 4, 4: 8, 5: 8, 6: 8, 7: 8, 8: 8}
 DERIVED = ("_packed", "_slabs", "_flat", "_values")  # caches in a k-bit module's __dict__, rebuilt on use
 
 
@@ -130,7 +131,15 @@ class KbitLinear(nn.Module):
         return self.codebook.index_select(0, unpack_codes(packed, k, stop - start))
 
     def dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """fp32 rows [r0, r1) of the stored matrix."""
+        """fp32 rows [r0, r1) of the stored matrix (the compiled decoder on CPU, else torch's; the same values)."""
+        if self.codes.is_cpu and matvec.ENABLED:
+            lib = matvec.kernel()
+            if lib is not None:
+                return self.packed_weight().decode_rows(lib, r0, r1)
+        return self.dequantize_rows_torch(r0, r1)
+
+    def dequantize_rows_torch(self, r0: int, r1: int) -> torch.Tensor:
+        """fp32 rows [r0, r1) of the stored matrix, decoded by torch ops."""
         cols, B = self.shape[1], self.spec.block_size
         start, stop = r0 * cols, r1 * cols
         if start % B or start % 8:  # not on a block boundary: the general (slower) path
@@ -170,13 +179,16 @@ class KbitLinear(nn.Module):
 
     # ---- compute --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32 and self.compute_dtype in (None, torch.float32):
-            # fp32 at batch 1 (token-by-token decode: ~200 calls a token) goes straight to the kernel, with no
-            # dtype round trips: what _forward computes, in fewer torch calls
-            lib = self._use_kernel(x)
-            if lib is not None:
-                out = self.packed_weight().matmul(lib, x)
-                return out if self.bias is None else out.add_(self.bias)
+        if x.dtype is torch.float32 and self.compute_dtype in (None, torch.float32) and matvec.ENABLED:
+            # fp32 at batch 1 (token-by-token decode: ~200 calls a token) goes straight to the kernel: what
+            # _forward computes, in as few Python and torch calls as it takes (each ~0.1-2 us; on a small layer
+            # they, not the kernel, are the cost, and nn.Linear is the bar)
+            pw = self.packed_weight()
+            if x.numel() <= pw.kernel_numel and not x.requires_grad and x.is_cpu:
+                lib = matvec.kernel()
+                if lib is not None:
+                    out = pw.matmul(lib, x)
+                    return out if self.bias is None else out.add_(self.bias)
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         return self._forward(x.to(dtype), dtype).to(in_dtype)
@@ -190,6 +202,7 @@ class KbitLinear(nn.Module):
             dq = _scale_table(self.scales.device) if self.scales_absmax is not None else None
             pw = matvec.PackedWeight(self.codes, self.shape, self.spec.bits, self.spec.block_size, self.codebook,
                                      self.scales, self.scales_absmax, self.scales_offset, self.transposed, dq)
+            pw.kernel_numel = self.kernel_max_rows() * self.in_features  # the batch-size crossover, in values
             self.__dict__["_packed"] = cached = (key, pw)
         return cached[1]
 

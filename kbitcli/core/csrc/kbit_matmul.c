@@ -8,15 +8,20 @@
  * Each output row (or, transposed, each stored row) is walked as segments: the part of the row inside one block.
  * A segment is decoded 16 codes at a time: since 16 codes are 2k whole bytes, the bit offset of the first code
  * is the same for every 16-code chunk of the segment, so one (byte shuffle, shift) pattern serves it all. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <time.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && !defined(KBIT_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && !defined(KBIT_PORTABLE) && \
+    !defined(KBIT_NO_AVX512)
 #include <immintrin.h>
 #define KBIT_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(KBIT_PORTABLE)
+#include <immintrin.h>
+#define KBIT_AVX2 1 /* csrc/kbit_avx2.h */
 #endif
 
 typedef struct {
@@ -71,6 +76,15 @@ static inline int code_at(const uint8_t *codes, int64_t i, int k) {
     return (int)((word >> (16 - o - k)) & ((1u << k) - 1));
 }
 
+/* the scales of blocks [b0, b0 + n) times `step`, the scale kind switched on once, not once per block */
+static inline void row_scales(const kbit_weight *w, int64_t b0, int64_t n, float step, float *out) {
+    switch (w->scale_kind) {
+    case 0: for (int64_t i = 0; i < n; i++) out[i] = ((const float *)w->scales)[b0 + i] * step; break;
+    case 1: for (int64_t i = 0; i < n; i++) out[i] = half_to_float(((const uint16_t *)w->scales)[b0 + i]) * step; break;
+    default: for (int64_t i = 0; i < n; i++) out[i] = block_scale(w, b0 + i) * step; break;
+    }
+}
+
 #ifdef KBIT_AVX512
 /* how far ahead of the decode the code stream is prefetched: at batch 1 the hardware prefetcher alone left the
  * kernel at ~3.5 GB/s from DRAM against ~7.8 GB/s from cache (SmolLM2's nf4 layers, one thread) */
@@ -112,15 +126,6 @@ static void simd_init(simd_ctx *s, const kbit_weight *w) {
     s->aligned = !w->transposed && B % 16 == 0 && (B & (B - 1)) == 0 && w->cols % B == 0;
     s->chunk_shift = 0;
     while ((16LL << s->chunk_shift) < B) s->chunk_shift++;
-}
-
-/* the scales of blocks [b0, b0 + n) times `step`, the scale kind switched on once, not once per block */
-static void row_scales(const kbit_weight *w, int64_t b0, int64_t n, float step, float *out) {
-    switch (w->scale_kind) {
-    case 0: for (int64_t i = 0; i < n; i++) out[i] = ((const float *)w->scales)[b0 + i] * step; break;
-    case 1: for (int64_t i = 0; i < n; i++) out[i] = half_to_float(((const uint16_t *)w->scales)[b0 + i]) * step; break;
-    default: for (int64_t i = 0; i < n; i++) out[i] = block_scale(w, b0 + i) * step; break;
-    }
 }
 
 /* codebook values of 16 codes whose first bit is bit o of *src; `load` masks the bytes they occupy (masked-off
@@ -268,7 +273,31 @@ static inline __attribute__((always_inline)) void row_axpy(const kbit_weight *w,
         }
     }
 }
+/* out[i] = value of flat position p + i, for p in [p, end): codebook entry x block scale, rounded to fp32 as
+ * torch's decoder rounds it (a uniform codebook is looked up too, not computed, so the values are bit for bit
+ * core/blockwise.dequantize's) */
+static inline __attribute__((always_inline)) void decode_range(const kbit_weight *w, const simd_ctx *s0, int64_t p,
+                                                               int64_t end, float *out, const int k) {
+    simd_ctx sc_ = *s0;
+    sc_.affine = 0;
+    const simd_ctx *s = &sc_;
+    while (p < end) {
+        int64_t b = p / w->block, seg_end = (b + 1) * w->block < end ? (b + 1) * w->block : end;
+        float scale = block_scale(w, b);
+        __m512 sc = _mm512_set1_ps(scale);
+        while (p < seg_end) {
+            int n = seg_end - p < 16 ? (int)(seg_end - p) : 16;
+            CHUNK_AT(p, n)
+            __mmask16 m = (__mmask16)((1u << n) - 1);
+            _mm512_mask_storeu_ps(out, m, _mm512_mul_ps(simd_values(s, src, o, load, k), sc));
+            p += n;
+            out += n;
+        }
+    }
+}
 #define CTX_DECL simd_ctx ctx; simd_init(&ctx, w); const simd_ctx *s = &ctx;
+#elif defined(KBIT_AVX2)
+#include "kbit_avx2.h"
 #else
 /* portable path: one code at a time (the compiler vectorises what it can) */
 typedef int simd_ctx;
@@ -301,6 +330,11 @@ static inline void row_axpy(const kbit_weight *w, const simd_ctx *s, int64_t r, 
     FOR_EACH_WEIGHT(w, k, start + c0, start + c1, p, v,
                     for (int mi = 0; mi < mc; mi++) y[mi * ldy + (p - start)] += v * x[mi * ldx + r]);
 }
+static inline void decode_range(const kbit_weight *w, const simd_ctx *s, int64_t p0, int64_t end, float *out,
+                                const int k) {
+    (void)s;
+    FOR_EACH_WEIGHT(w, k, p0, end, p, v, out[p - p0] = v);
+}
 #define CTX_DECL simd_ctx ctx = 0; const simd_ctx *s = &ctx;
 #endif
 
@@ -321,12 +355,19 @@ DEFK(2) DEFK(3) DEFK(4) DEFK(5) DEFK(6) DEFK(7) DEFK(8)
 #define TABLE(F) {{0}, {0}, ROWK(F, 2), ROWK(F, 3), ROWK(F, 4), ROWK(F, 5), ROWK(F, 6), ROWK(F, 7), ROWK(F, 8)}
 static const row_fn DOT[9][9] = TABLE(dot);
 static const axpy_fn AXPY[9][9] = TABLE(axpy);
+typedef void (*decode_fn)(const kbit_weight *, const simd_ctx *, int64_t, int64_t, float *);
+#define DEFD(K) static void decode_##K(const kbit_weight *w, const simd_ctx *s, int64_t p, int64_t e, float *o) { \
+        decode_range(w, s, p, e, o, K); }
+DEFD(2) DEFD(3) DEFD(4) DEFD(5) DEFD(6) DEFD(7) DEFD(8)
+static const decode_fn DECODE[9] = {0, 0, decode_2, decode_3, decode_4, decode_5, decode_6, decode_7, decode_8};
 
-int kbit_abi_version(void) { return 2; }
+int kbit_abi_version(void) { return 3; }
 
-int kbit_has_simd(void) {
+int kbit_has_simd(void) { /* 0 portable, 1 AVX-512 VBMI, 2 AVX2 + FMA */
 #ifdef KBIT_AVX512
     return 1;
+#elif defined(KBIT_AVX2)
+    return 2;
 #else
     return 0;
 #endif
@@ -339,13 +380,27 @@ typedef struct {
     const float *x;
     float *y;
     int64_t m, per, nchunks; /* per: rows (columns) per chunk */
+    int fast;                /* one row of x through dot_fast_K (x laid out by fast_x) */
+    int64_t start, stop;     /* decode jobs (x == NULL): flat positions [start, stop) into y */
 } job_t;
 
 static void run_chunk(const job_t *j, int64_t idx) {
     const kbit_weight *w = j->w;
     int64_t rows = w->rows, cols = w->cols;
+    if (!j->x) { /* decode: positions [start + idx * per, ...) */
+        int64_t p = j->start + idx * j->per, e = p + j->per < j->stop ? p + j->per : j->stop;
+        DECODE[w->bits](w, j->s, p, e, j->y + (p - j->start));
+        return;
+    }
     if (!w->transposed) { /* y[:, r] = x @ stored row r */
         int64_t r1 = (idx + 1) * j->per < rows ? (idx + 1) * j->per : rows;
+#ifdef KBIT_FAST_ROW
+        if (j->fast) {
+            for (int64_t r = idx * j->per; r < r1; r++)
+                (w->bits == 4 ? dot_fast_4 : dot_fast_8)(w, j->s, r, j->x, j->y + r);
+            return;
+        }
+#endif
         for (int64_t r = idx * j->per; r < r1; r++)
             for (int64_t m0 = 0; m0 < j->m; m0 += 8) {
                 int mc = j->m - m0 < 8 ? (int)(j->m - m0) : 8;
@@ -470,11 +525,40 @@ int kbit_matmul(const kbit_weight *w, const float *x, int64_t m, float *y, int n
     }
     CTX_DECL
     if (nthreads < 1) nthreads = 1;
-    job_t j = {w, s, x, y, m, 0, 0};
+    job_t j = {w, s, x, y, m, 0, 0, 0, 0, 0};
     int64_t n = w->transposed ? w->cols : w->rows;
     int64_t want = nthreads > 1 ? 8 * (int64_t)nthreads : 1; /* several chunks each: a late thread costs little */
     j.per = (n + want - 1) / want;
     if (w->transposed) j.per = (j.per + 15) / 16 * 16; /* whole 16-lane vectors of columns */
+    j.nchunks = (n + j.per - 1) / j.per;
+#ifdef KBIT_FAST_ROW
+    if (fast_row_ok(w, m)) {
+        float stack[4096], *xd = w->cols <= 4096 ? stack : malloc((size_t)w->cols * sizeof(float));
+        if (!xd) return 1;
+        fast_x(w, x, xd);
+        j.x = xd;
+        j.fast = 1;
+        run_job(&j, nthreads); /* returns when every chunk is done: xd outlives the workers' reads */
+        if (xd != stack) free(xd);
+        return 0;
+    }
+#endif
+    run_job(&j, nthreads);
+    return 0;
+}
+
+/* out[0 : stop - start] = the weight's values at flat positions [start, stop) (stored row-major), fp32, exactly
+ * as core/blockwise.dequantize computes them: KbitLinear's slab path (prefill, finetuning) decodes with this
+ * instead of torch's gathers. Returns 0, or 1 for a bad weight or range. */
+int kbit_decode(const kbit_weight *w, int64_t start, int64_t stop, float *out, int nthreads) {
+    if (w->bits < 2 || w->bits > 8 || w->block < 1 || start < 0 || stop < start || stop > w->rows * w->cols) return 1;
+    if (stop == start) return 0;
+    CTX_DECL
+    if (nthreads < 1) nthreads = 1;
+    job_t j = {w, s, NULL, out, 0, 0, 0, 0, start, stop};
+    int64_t n = stop - start, want = nthreads > 1 ? 4 * (int64_t)nthreads : 1;
+    j.per = ((n + want - 1) / want + 255) / 256 * 256; /* whole 256-value pieces: every block size's chunks stay whole */
+    if (j.per < 1 << 14) j.per = 1 << 14;             /* and not so small that waking a thread costs more */
     j.nchunks = (n + j.per - 1) / j.per;
     run_job(&j, nthreads);
     return 0;

@@ -30,6 +30,14 @@ def test_cli_dense_model_json_and_out(stories_dir, tmp_path):
     f = res["forward"]
     assert len(f["dense_runs_ms"]) == len(f["kbit_runs_ms"]) == 3
     assert f["ratio"] == pytest.approx(f["kbit_ms"] / f["dense_ms"], rel=1e-2)
+    # the headline: batch-1 generation tokens/s of k-bit, dense fp32 and dense bf16 in the same run; prefill too
+    g, p = res["generate"], res["prefill"]
+    assert g["tokens"] == 32 and p["tokens"] == 128
+    for part, unit in ((g, "tokens_per_s"), (p, "ms"), (f, "ms")):
+        assert set(part[unit]) == {"dense", "dense_bf16", "kbit"} and min(part[unit].values()) > 0
+        assert part["vs_dense"]["dense"] == 1.0
+        assert part["vs_dense"]["kbit"] == pytest.approx(part[unit]["kbit"] / part[unit]["dense"], rel=1e-2)
+    assert f["ms"]["kbit"] == pytest.approx(f["kbit_ms"], rel=1e-3)
     qm = res["memory"]["quantized_modules"]
     assert qm["modules"] == 35 and qm["stored_bits_per_param"] == pytest.approx(4.25)
     assert qm["ratio_vs_bf16"] == pytest.approx(4.25 / 16, rel=0.03)
@@ -49,6 +57,7 @@ def test_kbit_model_is_decoded_for_its_baseline(stories_dir, tmp_path):
     res = bench_speed(q, batch=2, seq=16, runs=2, warmup=0, dtype="bf16", rss=False)
     assert res["encode"] is None and res["decode"]["mb_per_s"] > 0
     assert res["dtype"] == "bf16" and "rss" not in res
+    assert set(res["generate"]["tokens_per_s"]) == {"dense", "kbit"}  # bf16 is already the baseline: no extra copy
     qm = res["memory"]["quantized_modules"]
     # 8-bit codes, 8-bit double-quantized scales per 128 values (+ the fp32 second-level constants)
     assert 8 + 8 / 128 < qm["stored_bits_per_param"] < 8 + 8 / 128 + 0.01
@@ -60,6 +69,10 @@ def test_kbit_model_is_decoded_for_its_baseline(stories_dir, tmp_path):
 def test_bad_inputs(stories_dir, tmp_path):
     r = CliRunner().invoke(app, ["bench", "speed", stories_dir, "--seq", "4096", "--no-rss", "--runs", "1"])
     assert r.exit_code == 2 and "--seq 4096" in r.stderr
+    r = CliRunner().invoke(app, ["bench", "speed", stories_dir, "--prefill", "4096", "--no-rss", "--runs", "1"])
+    assert r.exit_code == 2 and "--prefill 4096" in r.stderr  # checked like --seq, before any timing
+    r = CliRunner().invoke(app, ["bench", "speed", stories_dir, "--generate-tokens", "-1", "--no-rss"])
+    assert r.exit_code == 2 and "--generate-tokens" in r.stderr
     r = CliRunner().invoke(app, ["bench", "speed", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "not a model folder" in r.stderr
     r = CliRunner().invoke(app, ["bench", "speed", stories_dir, "-k", "9"])

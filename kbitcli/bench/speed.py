@@ -1,8 +1,12 @@
 """bench speed: encode/decode throughput, and k-bit vs dense forward latency and memory, side by side in one run.
 
 MODEL is a dense folder (encoded here with the recipe) or a kbit folder (decoded here to get its dense twin).
-Then both models are loaded in this process and timed alternately on the same random token batch, so load
-on the machine hits both alike; each number is the median of `runs` forwards. Memory is reported twice:
+Then the k-bit model, the dense one (at --compute-dtype) and the dense one at bf16 are loaded in this process
+and timed alternately, run by run, so load on the machine hits all alike; each number is the median of `runs`:
+  - generate: greedy batch-1 generation of `generate_tokens` tokens (KV cache on), tokens/s: the headline, what
+    `kbit generate` feels (causal LMs only);
+  - forward: one forward of batch x seq random tokens without cache (seq 1 by default: one decode step);
+  - prefill: one forward of `prefill` tokens (0 skips it). Memory is reported twice:
 the bytes of the model's tensors (each tensor once; what the weights really occupy), and the growth of a
 fresh process's RSS while it loads the model, reads every tensor once and runs one short forward (what
 the OS sees, allocator slack and activations included; reading every tensor pages in mmap-backed ones).
@@ -72,11 +76,11 @@ def rss_of_load(path: str, dtype: str | None, threads: int | None) -> dict:
         return pool.submit(_rss_of_load, path, dtype, threads).result()
 
 
-def example_inputs(model, batch: int, seq: int, seed: int = 0) -> dict:
+def example_inputs(model, batch: int, seq: int, seed: int = 0, flag: str = "--seq") -> dict:
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if limit is not None and seq > limit:
-        raise bad_input(f"--seq {seq} is longer than the model's {limit} positions; use --seq {limit} or less")
+        raise bad_input(f"{flag} {seq} is longer than the model's {limit} positions; use {flag} {limit} or less")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(min(3, cfg.vocab_size - 1), cfg.vocab_size, (batch, seq), generator=g)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -99,6 +103,36 @@ def time_forwards(models: dict, inputs: dict, runs: int, warmup: int, progress) 
                 times[name].append(time.perf_counter() - t0)
             progress.advance(f"forward {i + 1}/{runs}", 0)
     return times
+
+
+def time_generate(models: dict, tokens: int, runs: int, warmup: int, progress, prompt_len: int = 8) -> dict[str, list[float]]:
+    """Tokens per second of greedy batch-1 generation (what `kbit generate` feels: one token per forward, KV
+    cache on) for each model, interleaved run by run; the prompt is `prompt_len` fixed random ids."""
+    first = next(iter(models.values()))
+    cfg = first.config
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(min(3, cfg.vocab_size - 1), cfg.vocab_size, (1, prompt_len), generator=g)
+    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    out = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in models.values():
+                m.generate(ids, **dict(kw, max_new_tokens=2, min_new_tokens=2))
+        for i in range(runs):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m.generate(ids, **kw)
+                out[name].append(tokens / (time.perf_counter() - t0))
+            progress.advance(f"generate {i + 1}/{runs}", 0)
+    return out
+
+
+def summarize(times: dict[str, list[float]], unit: str, scale: float = 1.0) -> dict:
+    """Medians per model (x scale, rounded), and each model's median as a ratio of dense fp32's."""
+    med = {name: statistics.median(v) * scale for name, v in times.items()}
+    return {unit: {name: round(v, 3) for name, v in med.items()},
+            "vs_dense": {name: round(v / med["dense"], 3) for name, v in med.items()}}
 
 
 def quantized_module_bytes(dense, kbit) -> dict:
@@ -125,9 +159,9 @@ def quantized_module_bytes(dense, kbit) -> dict:
             if params else None}
 
 
-def bench_speed(model_path: str, recipe: Recipe | None = None, *, batch: int = 1, seq: int = 128, runs: int = 10,
+def bench_speed(model_path: str, recipe: Recipe | None = None, *, batch: int = 1, seq: int = 1, runs: int = 10,
                 warmup: int = 2, dtype: str | None = "fp32", threads: int | None = None, rss: bool = True,
-                progress=None) -> dict:
+                generate_tokens: int = 32, prefill: int = 128, progress=None) -> dict:
     from kbitcli.decode import decode
     from kbitcli.encode import encode
     from kbitcli.models.load import load_model, weight_memory
@@ -137,6 +171,8 @@ def bench_speed(model_path: str, recipe: Recipe | None = None, *, batch: int = 1
         raise bad_input(f"{model_path}: not a model folder; bench speed needs a Hugging Face or kbit model folder")
     if batch < 1 or seq < 1 or runs < 1 or warmup < 0:
         raise bad_input("--batch, --seq and --runs must be at least 1 (and --warmup at least 0)")
+    if generate_tokens < 0 or prefill < 0:
+        raise bad_input("--generate-tokens and --prefill must be 0 (skip) or more")
     if threads:
         torch.set_num_threads(threads)
     is_kbit = detect(model_path) == "kbit"
@@ -144,7 +180,7 @@ def bench_speed(model_path: str, recipe: Recipe | None = None, *, batch: int = 1
         raise bad_input(f"{model_path} is already a kbit checkpoint; drop the encode options, or pass the dense original")
     result = {"model": model_path, "batch": batch, "seq": seq, "runs": runs, "dtype": dtype or "stored",
               "threads": torch.get_num_threads()}
-    steps = (0 if is_kbit else 1) + 1 + (2 if rss else 0) + 1 + runs
+    steps = (0 if is_kbit else 1) + 1 + (2 if rss else 0) + 1 + runs * (1 + bool(prefill) + bool(generate_tokens))
     progress.start("bench speed", 0, steps)
     work = tempfile.mkdtemp(prefix="kbit-speed-")
     try:
@@ -186,12 +222,24 @@ def bench_speed(model_path: str, recipe: Recipe | None = None, *, batch: int = 1
         result["memory"] = {"dense_weight_bytes": wd, "kbit_weight_bytes": wk, "ratio": wk / wd,
                             "quantized_modules": quantized_module_bytes(dense, kbit)}
         inputs = example_inputs(dense, batch, seq)
-        times = time_forwards({"dense": dense, "kbit": kbit}, inputs, runs, warmup, progress)
+        prefill_inputs = example_inputs(dense, 1, prefill, flag="--prefill") if prefill else None  # checks --prefill fits, before work
+        models = {"dense": dense, "kbit": kbit}
+        if (dtype or "").lower() not in ("bf16", "bfloat16"):  # the other dense baseline users reach for
+            models = {"dense": dense, "dense_bf16": load_model(dense_path, dtype="bf16", tokenizer=False)[0], "kbit": kbit}
+        times = time_forwards(models, inputs, runs, warmup, progress)
         md, mk = statistics.median(times["dense"]), statistics.median(times["kbit"])
         result["forward"] = {"dense_ms": round(md * 1e3, 3), "kbit_ms": round(mk * 1e3, 3), "ratio": round(mk / md, 3),
                              "dense_runs_ms": [round(t * 1e3, 3) for t in times["dense"]],
                              "kbit_runs_ms": [round(t * 1e3, 3) for t in times["kbit"]],
-                             "tokens_per_s": {"dense": round(batch * seq / md, 1), "kbit": round(batch * seq / mk, 1)}}
+                             "tokens_per_s": {"dense": round(batch * seq / md, 1), "kbit": round(batch * seq / mk, 1)},
+                             **summarize(times, "ms", 1e3)}
+        if prefill:
+            result["prefill"] = {"tokens": prefill, **summarize(time_forwards(models, prefill_inputs, runs, warmup, progress),
+                                                                 "ms", 1e3)}
+        generative = getattr(dense, "can_generate", lambda: False)()
+        if generate_tokens and generative:
+            result["generate"] = {"tokens": generate_tokens,
+                                  **summarize(time_generate(models, generate_tokens, runs, warmup, progress), "tokens_per_s")}
     finally:
         progress.stop()
         shutil.rmtree(work, ignore_errors=True)

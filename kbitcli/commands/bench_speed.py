@@ -26,7 +26,20 @@ def show(r: dict, con) -> None:
     for col in ("measure", "dense", "k-bit", "k-bit / dense"):
         t.add_column(col, justify="left" if col == "measure" else "right")
     f, m = r["forward"], r["memory"]
-    t.add_row("forward latency (median)", f"{f['dense_ms']:.2f} ms", f"{f['kbit_ms']:.2f} ms", _ratio(f["ratio"]))
+    g = r.get("generate")
+    if g:
+        tps, vs = g["tokens_per_s"], g["vs_dense"]
+        bf = f" (bf16 {tps['dense_bf16']:.1f}: {vs['dense_bf16']:.2f}x)" if "dense_bf16" in tps else ""
+        t.add_row(f"generate, batch 1, {g['tokens']} tokens", f"{tps['dense']:.1f} tok/s{bf}", f"{tps['kbit']:.1f} tok/s",
+                  f"{vs['kbit']:.2f}x faster" if vs["kbit"] >= 1 else f"{1 / vs['kbit']:.2f}x slower")
+    fb = f" (bf16 {f['ms']['dense_bf16']:.2f})" if "dense_bf16" in f["ms"] else ""
+    t.add_row(f"forward latency, {r['batch']} x {r['seq']} tokens", f"{f['dense_ms']:.2f} ms{fb}", f"{f['kbit_ms']:.2f} ms",
+              _ratio(f["ratio"]))
+    p = r.get("prefill")
+    if p:
+        pb = f" (bf16 {p['ms']['dense_bf16']:.1f})" if "dense_bf16" in p["ms"] else ""
+        t.add_row(f"prefill latency, {p['tokens']} tokens", f"{p['ms']['dense']:.1f} ms{pb}", f"{p['ms']['kbit']:.1f} ms",
+                  _ratio(p["vs_dense"]["kbit"]))
     t.add_row("weights resident (all tensors)", human_bytes(m["dense_weight_bytes"]), human_bytes(m["kbit_weight_bytes"]),
               _ratio(m["ratio"]))
     qm = m["quantized_modules"]
@@ -56,7 +69,10 @@ def write_out(r: dict, out: str, force: bool) -> None:
 def bench_speed_cmd(
     model: str = typer.Argument(..., help="Dense Hugging Face model folder (encoded with the options below), or a kbit checkpoint folder."),
     batch: int = typer.Option(1, "--batch", help="Sequences per forward."),
-    seq: int = typer.Option(128, "--seq", help="Tokens per sequence."),
+    seq: int = typer.Option(1, "--seq", help="Tokens per sequence of the timed forward (1: one decode step)."),
+    generate_tokens: int = typer.Option(32, "--generate-tokens", help="Tokens of greedy batch-1 generation to time "
+                                        "(the headline; causal LMs; 0 skips)."),
+    prefill: int = typer.Option(128, "--prefill", help="Tokens of the timed prefill forward (0 skips)."),
     runs: int = typer.Option(10, "--runs", help="Timed forwards per model (the median is reported)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed forwards per model first."),
     compute_dtype: str = typer.Option("fp32", "--compute-dtype", help="fp32 | bf16 | fp16 | auto (as stored)."),
@@ -73,7 +89,7 @@ def bench_speed_cmd(
         "--dtype is ambiguous and was removed: use --data-type (the codebook: int|fp|nf|quantile|dynamic) "
         "or --compute-dtype (fp32|fp16|bf16)"),
 ):
-    """Encode/decode throughput and k-bit vs dense forward latency and memory, measured side by side."""
+    """Batch-1 generation tokens/s, forward and prefill latency, memory and encode/decode MB/s: k-bit vs dense fp32 and bf16, side by side."""
     from kbitcli.bench.speed import bench_speed
 
     def work(con):
@@ -84,7 +100,8 @@ def bench_speed_cmd(
         r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
                                 override, scale_search)
         result = bench_speed(model, r, batch=batch, seq=seq, runs=runs, warmup=warmup, dtype=compute_dtype,
-                             threads=threads, rss=rss, progress=progress_for(quiet, con, steps=True))
+                             threads=threads, rss=rss, generate_tokens=generate_tokens, prefill=prefill,
+                             progress=progress_for(quiet, con, steps=True))
         if out is not None:
             result["out"] = out
             write_out(result, out, force)

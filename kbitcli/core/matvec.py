@@ -90,7 +90,7 @@ def build(cc: str | None = None, extra_flags: tuple[str, ...] = (), directory: s
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     src = b""
-    for name in sorted(os.listdir(os.path.dirname(SOURCE))):  # the .c file and the headers it includes
+    for name in sorted(f for f in os.listdir(os.path.dirname(SOURCE)) if f.endswith((".c", ".h"))):  # + its headers
         with open(os.path.join(os.path.dirname(SOURCE), name), "rb") as fh:
             src += name.encode() + fh.read()
     flags = FLAGS + list(extra_flags)

@@ -108,10 +108,7 @@ def time_forwards(models: dict, inputs: dict, runs: int, warmup: int, progress) 
 def time_generate(models: dict, tokens: int, runs: int, warmup: int, progress, prompt_len: int = 8) -> dict[str, list[float]]:
     """Tokens per second of greedy batch-1 generation (what `kbit generate` feels: one token per forward, KV
     cache on) for each model, interleaved run by run; the prompt is `prompt_len` fixed random ids."""
-    first = next(iter(models.values()))
-    cfg = first.config
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(min(3, cfg.vocab_size - 1), cfg.vocab_size, (1, prompt_len), generator=g)
+    ids = example_inputs(next(iter(models.values())), 1, prompt_len, seed=1)["input_ids"]
     kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(ids))
     out = {name: [] for name in models}

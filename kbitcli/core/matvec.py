@@ -89,9 +89,9 @@ def build(cc: str | None = None, extra_flags: tuple[str, ...] = (), directory: s
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    src = b""
-    for name in sorted(f for f in os.listdir(os.path.dirname(SOURCE)) if f.endswith((".c", ".h"))):  # + its headers
-        with open(os.path.join(os.path.dirname(SOURCE), name), "rb") as fh:
+    src, csrc = b"", os.path.dirname(SOURCE)
+    for name in sorted(f for f in os.listdir(csrc) if f.endswith((".c", ".h"))):  # the .c file and its headers
+        with open(os.path.join(csrc, name), "rb") as fh:
             src += name.encode() + fh.read()
     flags = FLAGS + list(extra_flags)
     key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ win). Without the kernel (KBIT_KERNEL=0, no C compiler) everything takes the sla
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 
@@ -132,10 +133,9 @@ class KbitLinear(nn.Module):
 
     def dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
         """fp32 rows [r0, r1) of the stored matrix (the compiled decoder on CPU, else torch's; the same values)."""
-        if self.codes.is_cpu and matvec.ENABLED:
-            lib = matvec.kernel()
-            if lib is not None:
-                return self.packed_weight().decode_rows(lib, r0, r1)
+        lib = matvec.kernel() if self.codes.is_cpu else None
+        if lib is not None:
+            return self.packed_weight().decode_rows(lib, r0, r1)
         return self.dequantize_rows_torch(r0, r1)
 
     def dequantize_rows_torch(self, r0: int, r1: int) -> torch.Tensor:
@@ -179,16 +179,14 @@ class KbitLinear(nn.Module):
 
     # ---- compute --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32 and self.compute_dtype in (None, torch.float32) and matvec.ENABLED:
+        if x.dtype is torch.float32 and self.compute_dtype in (None, torch.float32):
             # fp32 at batch 1 (token-by-token decode: ~200 calls a token) goes straight to the kernel: what
             # _forward computes, in as few Python and torch calls as it takes (each ~0.1-2 us; on a small layer
             # they, not the kernel, are the cost, and nn.Linear is the bar)
-            pw = self.packed_weight()
-            if x.numel() <= pw.kernel_numel and not x.requires_grad and x.is_cpu:
-                lib = matvec.kernel()
-                if lib is not None:
-                    out = pw.matmul(lib, x)
-                    return out if self.bias is None else out.add_(self.bias)
+            use = self._use_kernel(x)
+            if use is not None:
+                out = use[0].matmul(use[1], x)
+                return out if self.bias is None else out.add_(self.bias)
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         return self._forward(x.to(dtype), dtype).to(in_dtype)
@@ -209,18 +207,22 @@ class KbitLinear(nn.Module):
     def kernel_max_rows(self) -> int:
         return KERNEL_MAX_ROWS.get(self.spec.bits, 0)
 
-    def _use_kernel(self, x: torch.Tensor):
-        """The kernel library when it should compute this forward, else None."""
-        if not x.is_cpu or x.numel() > self.kernel_max_rows() * self.in_features:
+    def _use_kernel(self, x: torch.Tensor) -> tuple[matvec.PackedWeight, ctypes.CDLL] | None:
+        """(the kernel's view of this weight, the kernel library) when the kernel should compute this forward,
+        else None."""
+        if not matvec.ENABLED or not x.is_cpu:
             return None
-        if x.requires_grad:  # finetuning (also under FrozenKbitMatmul's no_grad forward): keep the slab path
+        pw = self.packed_weight()
+        # past the crossover, or finetuning (also under FrozenKbitMatmul's no_grad forward): the slab path
+        if x.numel() > pw.kernel_numel or x.requires_grad:
             return None
-        return matvec.kernel()
+        lib = matvec.kernel()
+        return None if lib is None else (pw, lib)
 
     def _forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        lib = self._use_kernel(x)
-        if lib is not None:
-            out = self.packed_weight().matmul(lib, x).to(dtype)
+        use = self._use_kernel(x)
+        if use is not None:
+            out = use[0].matmul(use[1], x).to(dtype)
             return out if self.bias is None else out.add_(self.bias.to(dtype))
         slabs = self.slabs()
         bias = None if self.bias is None else self.bias.to(dtype)

@@ -35,19 +35,24 @@ from kbitcli.recipes import Recipe  # noqa: E402
 # (label, recipe settings, calibrated)
 CONFIGS = {
     "bnb": ("bitsandbytes NF4 b64", None, False),
-    "default": ("kbit nf4 b64, data-free default", {}, False),
+    "default": ("kbit nf4 b64, data-free default (absmax)", {}, False),
+    "refit": ("kbit nf4 b64, --scale-refit", {"scale_refit": True}, False),
+    "bnb-dq": ("bitsandbytes NF4 b64, double quant", None, "dq"),
+    "dq": ("kbit nf4 b64, double quant (llama-nf4.yaml)", {"double_quant": True}, False),
+    "dq-refit": ("kbit nf4 b64, double quant, --scale-refit", {"double_quant": True, "scale_refit": True}, False),
     "search4": ("kbit nf4 b64, unweighted scale search 4 (old default)", {"scale_search": 4}, False),
     "rtn-calib": ("kbit nf4 b64, rtn + calib (importance-weighted scales)", {"method": "rtn"}, True),
     "gptq": ("kbit nf4 b64, gptq (act-order)", {"method": "gptq"}, True),
     "gptq-noact": ("kbit nf4 b64, gptq --no-act-order", {"method": "gptq"}, "noact"),
     "rtn3": ("kbit nf3 b64, data-free rtn", {"bits": 3}, False),
+    "rtn3-refit": ("kbit nf3 b64, data-free rtn, --scale-refit", {"bits": 3, "scale_refit": True}, False),
     "rtn3-calib": ("kbit nf3 b64, rtn + calib", {"bits": 3, "method": "rtn"}, True),
     "gptq3": ("kbit nf3 b64, gptq (act-order)", {"bits": 3, "method": "gptq"}, True),
     "gptq3-noact": ("kbit nf3 b64, gptq --no-act-order", {"bits": 3, "method": "gptq"}, "noact"),
 }
 
 
-def bnb_model(dense, names: list[str]):
+def bnb_model(dense, names: list[str], double_quant: bool = False):
     import bitsandbytes.functional as F
 
     m = copy.deepcopy(dense)
@@ -55,7 +60,7 @@ def bnb_model(dense, names: list[str]):
     for n in names:
         p = params[n] if n in params else params[n.split(".", 1)[1]]
         w = p.data
-        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
         p.data = F.dequantize_4bit(q, state).to(w.dtype).view_as(w)
     return m
 
@@ -101,8 +106,8 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         label, settings, calibrated = CONFIGS[key]
         t0 = time.time()
         if settings is None:
-            q = bnb_model(dense, targets)
-            extra = {}
+            q = bnb_model(dense, targets, double_quant=calibrated == "dq")
+            extra = {"bits_per_param": 4.127 if calibrated == "dq" else 4.5}  # bnb: fp32 absmax, or 8-bit + fp32 per 256
         else:
             calib = None
             if calibrated:
@@ -121,9 +126,14 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     bnb = next((r for r in rows if r["config"] == "bnb"), None)
+    bnb_dq = next((r for r in rows if r["config"] == "bnb-dq"), None)
     for r in rows:
-        if bnb and "delta_nll" in r and bnb.get("delta_nll"):
-            r["vs_bnb"] = r["delta_nll"] / bnb["delta_nll"]
+        # double-quant rows against bitsandbytes' double quant, the rest against its plain NF4
+        ref = bnb_dq if r["config"].startswith("dq") and bnb_dq else bnb
+        if ref and "delta_nll" in r and ref.get("delta_nll"):
+            r["vs_bnb"] = r["delta_nll"] / ref["delta_nll"]
+        if ref and "kl_divergence" in r and ref.get("kl_divergence"):
+            r["kl_vs_bnb"] = r["kl_divergence"] / ref["kl_divergence"]
     if calib_path != args.calib:
         os.unlink(calib_path)
     return rows
@@ -135,13 +145,13 @@ def model_name(path: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | method | b/p | nll | ΔNLL vs dense | vs bnb NF4 | KL | top-1 | cos mean | cos min | s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | method | b/p | nll | ΔNLL vs dense | vs bnb NF4 | KL | KL vs bnb | top-1 | cos mean | cos min | s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
         out.append(f"| {model_name(r['model'])} | {r['label']} | {f('bits_per_param', '{:.3f}')} | "
                    f"{f('nll', '{:.4f}')} | {f('delta_nll', '{:+.4f}')} | {f('vs_bnb', '{:.2f}×')} | "
-                   f"{f('kl_divergence', '{:.4f}')} | {f('top1_agreement', '{:.3f}')} | {f('cosine_mean', '{:.4f}')} | "
+                   f"{f('kl_divergence', '{:.4f}')} | {f('kl_vs_bnb', '{:.2f}×')} | {f('top1_agreement', '{:.3f}')} | {f('cosine_mean', '{:.4f}')} | "
                    f"{f('cosine_min', '{:.4f}')} | {f('seconds', '{}')} |")
     return "\n".join(out)
 

@@ -58,7 +58,7 @@ class TensorPlan:
         if self.spec:
             d.update(bits=self.spec.bits, block_size=self.block_label, block_values=self.spec.block_size,
                      data_type=self.spec.dtype, double_quant=self.spec.double_quant, scale_dtype=self.spec.scale_dtype,
-                     scale_search=self.spec.scale_search, method=self.spec.method)
+                     scale_search=self.spec.scale_search, scale_refit=self.spec.scale_refit, method=self.spec.method)
         return d
 
 
@@ -120,6 +120,18 @@ def auto_search(settings: dict, calibrated: bool) -> int:
     return CALIBRATED_SEARCH if calibrated else DATA_FREE_SEARCH
 
 
+def auto_refit(settings: dict, calibrated: bool, name: str) -> bool:
+    """Least-squares scale refit (core/scale_search.refit_scales), for data-free round-to-nearest only (calibrated
+    quantizers fit their scales to the inputs). Off unless asked for: it lowered KL to dense on every model and
+    text measured (0.92-0.98x bitsandbytes) but raised SmolLM2-135M's ΔNLL on TinyStories by 25%, and the data-free
+    default must not lose to bitsandbytes' absmax on the model's loss (issue 8; docs/CALIBRATION.md)."""
+    asked = settings.get("scale_refit")
+    if asked and (calibrated or (settings.get("method") or "rtn") != "rtn"):
+        raise bad_input(f"tensor {name!r}: scale_refit applies to data-free round-to-nearest; with --calib or "
+                        "--method gptq the scales are fitted to the calibration data (drop scale_refit)")
+    return bool(asked)
+
+
 def _resolve(settings: dict, name: str, shape, calibrated: bool = False) -> tuple[Spec, int | str]:
     block = settings["block_size"]
     values = resolve_block(block, shape)
@@ -134,7 +146,7 @@ def _resolve(settings: dict, name: str, shape, calibrated: bool = False) -> tupl
         raise bad_input(f"tensor {name!r}: method gptq needs calibration data; add --calib FILE (text the model "
                         "knows), or use --method rtn")
     spec = Spec(settings["bits"], values, settings["dtype"], settings["double_quant"], settings["scale_dtype"],
-                auto_search(settings, calibrated), method)
+                auto_search(settings, calibrated), method, auto_refit(settings, calibrated, name))
     return spec, block
 
 

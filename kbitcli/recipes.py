@@ -6,6 +6,7 @@
     double_quant: true      # 8-bit scales in blocks of 256 (bitsandbytes style)
     scale_dtype: fp16       # fp16 | bf16 | fp32 (ignored with double_quant)
     scale_search: 1         # candidate scales tried per block (1 = plain absmax); see core/grid.py
+    scale_refit: false      # true: each scale refit by least squares to its block's codes (data-free rtn only)
     method: rtn             # rtn | gptq (gptq needs --calib); overridable per tensor like the rest
     targets: [...]          # patterns of tensors to quantize; default: the 2-D weights of linear layers
     ignore: [...]           # patterns kept dense even if targeted
@@ -31,7 +32,7 @@ from kbitcli.core.codebooks import DTYPES, MAX_BITS, MIN_BITS
 from kbitcli.errors import bad_input
 
 MIN_BLOCK, MAX_BLOCK = 16, 4096
-SETTINGS = ("bits", "block_size", "dtype", "double_quant", "scale_dtype", "scale_search", "method")
+SETTINGS = ("bits", "block_size", "dtype", "double_quant", "scale_dtype", "scale_search", "method", "scale_refit")
 METHODS = ("rtn", "gptq")
 # Tensors that are 2-D but are not linear-layer weights: kept dense unless a recipe targets them.
 NOT_LINEAR = re.compile(r"(embed|wte|wpe|lm_head|norm|ln_|position|token_type|shared\.weight)", re.I)
@@ -55,6 +56,7 @@ class Recipe:
     scale_dtype: str = "fp16"
     scale_search: int | None = None  # candidate scales per block; 1 = plain absmax; None: see plan.auto_search
     method: str = "rtn"  # rtn (round to nearest) | gptq (needs calibration data)
+    scale_refit: bool | None = None  # least-squares refit of each scale; None: see plan.auto_refit
     targets: list[str] | None = None  # None: default linear weights
     ignore: list[str] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
@@ -83,6 +85,8 @@ def check_settings(settings: dict, where: str) -> dict:
         raise bad_input(f"{where}: dtype {out['dtype']!r} is not one of {', '.join(DTYPES)}")
     if "double_quant" in out and not isinstance(out["double_quant"], bool):
         raise bad_input(f"{where}: double_quant must be true or false, got {out['double_quant']!r}")
+    if out.get("scale_refit") is not None and not isinstance(out["scale_refit"], bool):
+        raise bad_input(f"{where}: scale_refit must be true or false, got {out['scale_refit']!r}")
     if "scale_dtype" in out and out["scale_dtype"] not in SCALE_DTYPES:
         raise bad_input(f"{where}: scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {out['scale_dtype']!r}")
     if "method" in out and out["method"] not in METHODS:
@@ -219,10 +223,11 @@ def parse_override(text: str) -> Override:
 
 
 def with_flags(recipe: Recipe, *, bits=None, block_size=None, dtype=None, double_quant=None, scale_dtype=None,
-               scale_search=None, method=None, targets=None, ignore=None, overrides=()) -> Recipe:
+               scale_search=None, method=None, targets=None, ignore=None, overrides=(), scale_refit=None) -> Recipe:
     """Flags override the recipe: settings replace, targets replace, ignore and overrides are appended."""
     flags = {k: v for k, v in dict(bits=bits, block_size=block_size, dtype=dtype, double_quant=double_quant,
-                                   scale_dtype=scale_dtype, scale_search=scale_search, method=method).items()
+                                   scale_dtype=scale_dtype, scale_search=scale_search, method=method,
+                                   scale_refit=scale_refit).items()
              if v is not None}
     flags = check_settings(flags, "flags")
     out = replace(recipe, **flags)

@@ -334,3 +334,20 @@ def test_scale_search_out_of_range(stories_dir, tmp_path, value):
     dst = str(tmp_path / "out")
     assert_bad_input(cli("encode", stories_dir, dst, "--scale-search", value), "scale_search", dst=dst)
     assert_bad_input(cli("bench", "error", stories_dir, "--scale-search", value, "--quiet"), "scale_search")
+
+
+def test_scale_refit_refusals(stories_dir, tmp_path):
+    """The refit is for data-free round-to-nearest, and the exports whose own rounding sets the scales cannot
+    take it: asked for there, it is refused naming the fix, never dropped silently."""
+    dst = str(tmp_path / "out")
+    calib = os.path.join(os.path.dirname(__file__), "..", "kbitcli", "assets", "text", "wikitext2_valid_first100k.txt")
+    assert_bad_input(cli("encode", stories_dir, dst, "--scale-refit", "--method", "gptq", "--calib", calib),
+                     "scale_refit", "--calib", dst=dst)
+    gg = str(tmp_path / "s.gguf")
+    assert_bad_input(cli("encode", stories_dir, gg, "--format", "gguf", "--scale-refit"), "--no-scale-refit", dst=gg)
+    ct = str(tmp_path / "ct")
+    assert_bad_input(cli("encode", stories_dir, ct, "--format", "compressed-tensors", "--scale-refit"),
+                     "--no-scale-refit", dst=ct)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("bits: 4\nscale_refit: maybe\n")
+    assert_bad_input(cli("encode", stories_dir, dst, "--recipe", str(recipe)), "scale_refit must be true or false", dst=dst)

@@ -222,6 +222,60 @@ def test_scale_search_never_raises_the_error_and_keeps_scales_at_most_absmax(dow
     assert err_searched <= err_plain
 
 
+# --- scale refit (opt-in: scale_refit: true; plan.auto_refit) ---------------------------------------
+
+
+def block_errors(w: torch.Tensor, qt, block: int) -> torch.Tensor:
+    """Squared error of every block (the last one may be short: zero padding adds no error)."""
+    d = (dequantize(qt).reshape(-1).double() - w.reshape(-1).double())
+    return torch.cat([d, d.new_zeros(-d.numel() % block)]).pow(2).view(-1, block).sum(dim=1)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_refit_never_raises_a_blocks_error(down, dtype, k):
+    # fp32 scales: absmax codes -> least-squares scale -> codes again can only lower each block's error
+    plain = quantize(down, Spec(k, 64, dtype, scale_dtype="fp32"))
+    refit = quantize(down, Spec(k, 64, dtype, scale_dtype="fp32", scale_refit=True))
+    e_plain, e_refit = block_errors(down, plain, 64), block_errors(down, refit, 64)
+    assert torch.all(e_refit <= e_plain * (1 + 1e-5) + 1e-12)
+    assert e_refit.sum() < e_plain.sum()  # and it does lower it on real weights
+    # with the stored fp16 scales (rounded to nearest, not up) the tensor's error still drops
+    half = quantize(down, Spec(k, 64, dtype, scale_refit=True))
+    assert half.scales.dtype == torch.float16 and block_errors(down, half, 64).sum() < e_plain.sum()
+
+
+def test_refit_scales_is_the_least_squares_scale_of_the_absmax_codes(down):
+    from kbitcli.core.scale_search import refit_scales
+
+    table = bw._fixed_table("nf", 4)
+    flat = down.reshape(-1)  # 64 x 172: blocks run across rows
+    flat = torch.cat([flat, flat[:37]])  # a short last block
+    absmax = bw.block_absmax(flat, 64, "w")
+    got = refit_scales(flat, absmax, table, 64, 64 * 8)  # small chunks: many chunk boundaries
+    for b in range(absmax.numel()):
+        x = flat[b * 64 : (b + 1) * 64].double()
+        v = table.double()[bw.nearest(x.float() / absmax[b], table)]
+        assert got[b].item() == pytest.approx(float((x * v).sum() / (v * v).sum()), rel=1e-5)
+
+
+def test_scale_refit_keeps_zero_blocks_zero(down):
+    w = down.clone()
+    w.view(-1)[64:192] = 0  # two whole zero blocks
+    qt = quantize(w, Spec(4, 64, "nf", scale_refit=True))
+    assert torch.all(qt.scales[1:3] == 0) and torch.all(dequantize(qt).view(-1)[64:192] == 0)
+    assert torch.all(dequantize(quantize(torch.zeros(8, 64), Spec(4, 64, "nf", scale_refit=True))) == 0)
+
+
+def test_scale_refit_with_double_quant_codes_against_the_stored_scales(down):
+    qt = quantize(down, Spec(4, 64, "nf", True, scale_refit=True))
+    again = bw.nearest(bw._per_block(down.reshape(-1).float(), qt.effective_scales(), 64, torch.div,
+                                     torch.empty(down.numel())), qt.codebook)
+    assert torch.equal(bw.unpack_u8(qt.codes, 4, down.numel()).long(), again)
+    plain = quantize(down, Spec(4, 64, "nf", True))
+    assert block_errors(down, qt, 64).sum() < block_errors(down, plain, 64).sum()
+
+
 # --- bit accounting ----------------------------------------------------------------------------------
 
 

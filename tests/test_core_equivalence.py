@@ -116,6 +116,18 @@ def ref_quantize(w: torch.Tensor, spec: Spec) -> dict:
         # the table the search measures errors with is the final one (a quantile table: from plain absmax)
         table = ref_quantile_table(flat, absmax, B, k) if spec.dtype == "quantile" else codebooks.fixed_codebook(spec.dtype, k)
         absmax = ref_search_scales(flat, absmax, table, B, spec.scale_search)
+    if spec.scale_refit:
+        # one Lloyd step: codes against the fp32 scale, then each block's least-squares scale for those codes
+        if table is None:
+            table = ref_quantile_table(flat, absmax, B, k) if spec.dtype == "quantile" else codebooks.fixed_codebook(spec.dtype, k)
+        safe = torch.where(absmax > 0, absmax, torch.ones(()))
+        v = table[ref_nearest(flat.float() / safe.repeat_interleave(B)[: flat.numel()], table)]
+        pad = (-flat.numel()) % B
+        xb = torch.cat([flat.float(), flat.new_zeros(pad, dtype=torch.float32)]).view(-1, B)
+        vb = torch.cat([v, v.new_zeros(pad)]).view(-1, B)
+        xv, vv = (xb * vb).sum(dim=1), (vb * vb).sum(dim=1)
+        fit = xv / torch.where(vv > 0, vv, torch.ones(()))
+        absmax = torch.where(fit > 0, fit, absmax)
     out = {}
     if spec.double_quant:
         out["scales"], out["scales_absmax"], out["scales_offset"], effective = ref_double_quant(absmax)
@@ -125,7 +137,8 @@ def ref_quantize(w: torch.Tensor, spec: Spec) -> dict:
         dt = blockwise.SCALE_DTYPES[spec.scale_dtype]
         nearest = absmax.to(dt)
         up = torch.nextafter(nearest, torch.full_like(nearest, float("inf")))
-        out["scales"] = torch.where(nearest.float() < absmax, up, nearest)
+        # (a refit scale is not an absmax any more: rounded to nearest)
+        out["scales"] = nearest if spec.scale_refit else torch.where(nearest.float() < absmax, up, nearest)
         effective = out["scales"].float()
     divisor = torch.where(effective > 0, effective, torch.ones(()))  # an all-zero block divides by 1
     per_value = divisor.repeat_interleave(B)[: flat.numel()]
@@ -209,6 +222,20 @@ def test_scale_search_matches_reference(weights, spec):
     for name in ("stories.down_proj[64x172]", "minilm.output[37x101]", "minilm.intermediate[384x384]"):
         w = weights[name]
         assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec}")
+
+
+@pytest.mark.parametrize("spec", [Spec(4, 64, "nf"), Spec(3, 64, "quantile", True), Spec(2, 172, "int"),
+                                  Spec(8, 64, "fp", True), Spec(5, 16, "dynamic", scale_dtype="bf16"),
+                                  Spec(4, 64, "nf", scale_search=4)], ids=spec_id)
+def test_scale_refit_matches_reference(weights, spec):
+    spec = dataclasses.replace(spec, scale_refit=True)  # opt-in: recipe scale_refit: true
+    for name in ("stories.down_proj[64x172]", "minilm.output[37x101]", "minilm.intermediate[384x384]"):
+        w = weights[name]
+        assert_same(quantize(w, spec, name), ref_quantize(w, spec), f"{name} {spec}")
+    w = weights["stories.down_proj[64x172]"]
+    for block in ("row", "tensor"):
+        s = dataclasses.replace(spec, block_size=blockwise.resolve_block(block, tuple(w.shape)))
+        assert_same(quantize(w, s), ref_quantize(w, s), f"{block} {s}")
 
 
 @pytest.mark.parametrize("scale_dtype", ["bf16", "fp32"])
@@ -320,7 +347,7 @@ def test_encode_writes_the_reference_codes_with_any_number_of_workers(tmp_path, 
     for workers in (1, 3):
         monkeypatch.setattr("kbitcli.formats.kbit_write.default_workers", lambda: workers)
         dst = tmp_path / f"workers{workers}"
-        encode_module.encode(stories_dir, str(dst), Recipe(double_quant=True, scale_search=4))
+        encode_module.encode(stories_dir, str(dst), Recipe(double_quant=True, scale_search=4, scale_refit=True))
         outputs.append((dst / "model.safetensors").read_bytes())
     assert outputs[0] == outputs[1]
     ck = KbitCheckpoint(str(tmp_path / "workers1"))
@@ -328,5 +355,7 @@ def test_encode_writes_the_reference_codes_with_any_number_of_workers(tmp_path, 
     quantized = [n for n in ck.names if ck.is_quantized(n)]
     assert len(quantized) >= 7 * 5  # every linear weight of the 5 layers
     for name in quantized:
-        qt = ck.quantized(name)  # (the file does not record the scale search: decoding does not need it)
-        assert_same(qt, ref_quantize(source[name], dataclasses.replace(qt.spec, scale_search=4)), name)
+        qt = ck.quantized(name)  # (the reader's spec leaves out the scale search and refit: decoding needs neither)
+        spec = dataclasses.replace(qt.spec, scale_search=4, scale_refit=ck.meta[name]["scale_refit"])
+        assert ck.meta[name]["scale_refit"]
+        assert_same(qt, ref_quantize(source[name], spec), name)

@@ -169,3 +169,25 @@ def test_decode_of_a_file_is_one_file_whatever_the_shard_size(stories_dir, tmp_p
     assert r.code == 0
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
         assert len(list(f.keys())) == 47
+
+
+def test_scale_refit_is_opt_in_and_recorded(stories_dir, tmp_path):
+    """Plain absmax by default (bitsandbytes' scales); --scale-refit or a recipe/override key asks for the
+    least-squares refit. The plan and every tensor's metadata say which."""
+    q = "model.layers.0.mlp.up_proj.weight"
+
+    def plan(*args):
+        r = cli("encode", stories_dir, tmp_path / "q", "--dry-run", "--json", *args)
+        assert r.code == 0, r.stderr
+        return {p["name"]: p for p in json.loads(r.stdout)["plan"]}
+
+    assert plan()[q]["scale_refit"] is False
+    assert plan("--scale-refit")[q]["scale_refit"] is True
+    by_override = plan("--override", "re:.*up_proj=scale_refit:true")
+    assert by_override[q]["scale_refit"] is True
+    assert by_override["model.layers.0.mlp.down_proj.weight"]["scale_refit"] is False
+    dst = tmp_path / "out"
+    assert cli("encode", stories_dir, dst, "--scale-refit", "--quiet").code == 0
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["kbit.tensors"])
+    assert meta[q]["scale_refit"] is True and meta[q]["scale_search"] == 1

@@ -38,10 +38,11 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("dq", [False, True])
 def test_nf4_export_is_bitsandbytes_quantize_4bit(stories_dir, tmp_path, dq):
-    """Default bnb export (plain absmax): the packed bytes are bitsandbytes' quantize_4bit's, so SQNR is equal."""
+    """Default bnb export (plain absmax): the packed bytes are bitsandbytes' quantize_4bit's, so SQNR is
+    equal."""
     dst = str(tmp_path / "bnb")
     encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype="nf", double_quant=dq, scale_dtype="fp32",
-                                    scale_search=1), fmt="bnb")
+                                    scale_search=1, scale_refit=False), fmt="bnb")
     reader, src = open_foreign(dst), open_source(stories_dir)
     quantized = [n for n in reader.names if reader.is_quantized(n)]
     assert len(quantized) == 35
@@ -61,8 +62,8 @@ def test_nf4_export_is_bitsandbytes_quantize_4bit(stories_dir, tmp_path, dq):
 
 def test_fp4_export_uses_bitsandbytes_table(stories_dir, tmp_path):
     dst = str(tmp_path / "fp4")
-    r = encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype="fp", scale_dtype="fp32", scale_search=1),
-               fmt="bnb")
+    r = encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype="fp", scale_dtype="fp32", scale_search=1,
+                                        scale_refit=False), fmt="bnb")
     assert any("bitsandbytes FP4" in n for n in r["notes"])  # the table change is stated, not silent
     reader, src = open_foreign(dst), open_source(stories_dir)
     for n in (n for n in reader.names if reader.is_quantized(n)):
@@ -73,6 +74,26 @@ def test_fp4_export_uses_bitsandbytes_table(stories_dir, tmp_path):
         # same values as bitsandbytes' quantizer (codes may differ only between its two zeros, +0 and -0)
         assert torch.equal(ours, F.dequantize_4bit(q, st)), n
         assert torch.equal(reader.tensor(n, torch.float32), ours)
+
+
+@pytest.mark.parametrize("dtype", ["nf", "fp"])
+def test_bnb_export_with_scale_refit_is_what_bitsandbytes_decodes(stories_dir, tmp_path, dtype):
+    """scale_refit in bnb's layout (nf4 through kbit's quantizer, fp4 through the export's own): bitsandbytes
+    decodes exactly what kbit's reader decodes, and every tensor is closer to the dense weights than
+    bitsandbytes' own quantize_4bit makes it."""
+    dst = str(tmp_path / "bnb")
+    encode(stories_dir, dst, Recipe(bits=4, block_size=64, dtype=dtype, scale_dtype="fp32", scale_refit=True),
+           fmt="bnb")
+    reader, src = open_foreign(dst), open_source(stories_dir)
+    quantized = [n for n in reader.names if reader.is_quantized(n)]
+    assert len(quantized) == 35
+    for n in quantized:
+        w = src.get(n)
+        ours = F.dequantize_4bit(reader.f.get(n), bnb_state(reader, n))
+        assert torch.equal(reader.tensor(n, torch.float32), ours)
+        q, st = F.quantize_4bit(w, blocksize=64, quant_type=dtype + "4")
+        assert not torch.equal(reader.f.get(f"{n}.absmax"), st.absmax)  # refit, not bitsandbytes' absmax
+        assert sqnr(w, ours) > sqnr(w, F.dequantize_4bit(q, st)), n
 
 
 @pytest.mark.parametrize("dq", [False, True])

@@ -16,7 +16,7 @@ import torch
 
 from kbitcli.core.blockwise import dequantize, quantize
 from kbitcli.errors import KbitError, bad_input
-from kbitcli.plan import Plan, auto_search, make_plan
+from kbitcli.plan import Plan, auto_refit, auto_search, make_plan
 from kbitcli.recipes import Recipe, with_flags
 
 GRID_KEYS = {"bits": "bits", "k": "bits", "block": "block_size", "block_size": "block_size", "dtype": "dtype",
@@ -89,7 +89,8 @@ def grid_recipes(base: Recipe, grid: dict[str, list] | None) -> list[Recipe]:
 def config_label(recipe: Recipe) -> dict:
     return {"bits": recipe.bits, "block_size": recipe.block_size, "dtype": recipe.dtype,
             "double_quant": recipe.double_quant, "scale_dtype": recipe.scale_dtype,
-            "scale_search": auto_search(recipe.settings(), calibrated=False)}  # as the plan resolves it
+            "scale_search": auto_search(recipe.settings(), calibrated=False),  # as the plan resolves them
+            "scale_refit": auto_refit(recipe.settings(), False, "config")}
 
 
 @dataclass

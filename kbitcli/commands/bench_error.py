@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from kbitcli.commands.options import (BenchForceOpt, BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt,
-                                     OverrideOpt, RecipeOpt, RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt,
+                                     OverrideOpt, RecipeOpt, RemovedDtypeOpt, ScaleDtypeOpt, ScaleRefitOpt, ScaleSearchOpt, TargetsOpt,
                                      recipe_from_options)
 from kbitcli.commands.common import JsonOpt, QuietOpt, progress_for, run
 
@@ -75,6 +75,7 @@ def bench_error_cmd(
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    scale_refit: Optional[bool] = ScaleRefitOpt,
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     force: bool = BenchForceOpt, as_json: bool = JsonOpt, quiet: bool = QuietOpt, _dtype: Optional[str] = RemovedDtypeOpt,
@@ -88,7 +89,7 @@ def bench_error_cmd(
         if out is not None:
             check_destination(out, force)
         r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
-                                override, scale_search)
+                                override, scale_search, scale_refit=scale_refit)
         result = bench_error(src, r, g, progress=progress_for(quiet, con, steps=True))
         if out is not None:
             result["files"] = write_out(result, out, force)

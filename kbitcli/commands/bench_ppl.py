@@ -9,7 +9,7 @@ from rich.table import Table
 
 from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
                                      DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
-                                     RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
+                                     RemovedDtypeOpt, ScaleDtypeOpt, ScaleRefitOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
                                      calibration_from_options, recipe_from_options)
 from kbitcli.commands.common import JsonOpt, QuietOpt, progress_for, run
 
@@ -62,6 +62,7 @@ def bench_ppl_cmd(
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    scale_refit: Optional[bool] = ScaleRefitOpt,
     method: Optional[str] = MethodOpt, calib: Optional[str] = CalibOpt, calib_tokens: Optional[int] = CalibTokensOpt,
     seed: int = SeedOpt, damp: Optional[float] = DampOpt, act_order: bool = ActOrderOpt,
     targets: Optional[List[str]] = TargetsOpt,
@@ -74,7 +75,7 @@ def bench_ppl_cmd(
 
     def work(con):
         r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
-                                override, scale_search, method)
+                                override, scale_search, method, scale_refit)
         c = calibration_from_options(calib, calib_tokens, seed, damp, act_order)
         return bench_ppl(model, text, r, context=context, stride=stride, split_on=split_on, max_tokens=max_tokens,
                          max_lines=max_lines, simulate=simulate, progress=progress_for(quiet, con, steps=True), baseline=baseline,

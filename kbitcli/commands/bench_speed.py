@@ -11,7 +11,7 @@ from rich.table import Table
 
 from kbitcli.commands.common import JsonOpt, QuietOpt, human_bytes, progress_for, run
 from kbitcli.commands.options import (BenchForceOpt, BitsOpt, BlockSizeOpt, DataTypeOpt, DoubleQuantOpt, IgnoreOpt,
-                                     OverrideOpt, RecipeOpt, ScaleDtypeOpt, ScaleSearchOpt, TargetsOpt, removed_dtype_option,
+                                     OverrideOpt, RecipeOpt, ScaleDtypeOpt, ScaleRefitOpt, ScaleSearchOpt, TargetsOpt, removed_dtype_option,
                                      recipe_from_options)
 
 
@@ -81,6 +81,7 @@ def bench_speed_cmd(
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    scale_refit: Optional[bool] = ScaleRefitOpt,
     targets: Optional[List[str]] = TargetsOpt,
     ignore: Optional[List[str]] = IgnoreOpt, override: Optional[List[str]] = OverrideOpt,
     out: Optional[str] = typer.Option(None, "--out", help="Folder to write speed.json into."),
@@ -98,7 +99,7 @@ def bench_speed_cmd(
 
             check_destination(out, force)
         r = recipe_from_options(recipe, bits, block_size, data_type, double_quant, scale_dtype, targets, ignore,
-                                override, scale_search)
+                                override, scale_search, scale_refit=scale_refit)
         result = bench_speed(model, r, batch=batch, seq=seq, runs=runs, warmup=warmup, dtype=compute_dtype,
                              threads=threads, rss=rss, generate_tokens=generate_tokens, prefill=prefill,
                              progress=progress_for(quiet, con, steps=True))

@@ -11,7 +11,7 @@ from rich.table import Table
 from kbitcli.commands.common import ForceOpt, JsonOpt, QuietOpt, human_bytes, progress_for, run
 from kbitcli.commands.options import (ActOrderOpt, BitsOpt, BlockSizeOpt, CalibOpt, CalibTokensOpt, DampOpt,
                                      DataTypeOpt, DoubleQuantOpt, IgnoreOpt, MethodOpt, OverrideOpt, RecipeOpt,
-                                     RemovedDtypeOpt, ScaleDtypeOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
+                                     RemovedDtypeOpt, ScaleDtypeOpt, ScaleRefitOpt, ScaleSearchOpt, SeedOpt, TargetsOpt,
                                      calibration_from_options)
 from kbitcli.commands.tables import group_rows, natural_sorted, print_table
 from kbitcli.encode import DEFAULT_SHARD, encode
@@ -89,6 +89,7 @@ def encode_cmd(
     recipe: Optional[str] = RecipeOpt, bits: Optional[int] = BitsOpt, block_size: Optional[str] = BlockSizeOpt,
     data_type: Optional[str] = DataTypeOpt, double_quant: Optional[bool] = DoubleQuantOpt,
     scale_dtype: Optional[str] = ScaleDtypeOpt, scale_search: Optional[int] = ScaleSearchOpt,
+    scale_refit: Optional[bool] = ScaleRefitOpt,
     method: Optional[str] = MethodOpt, calib: Optional[str] = CalibOpt, calib_tokens: Optional[int] = CalibTokensOpt,
     seed: int = SeedOpt, damp: Optional[float] = DampOpt, act_order: bool = ActOrderOpt,
     targets: Optional[List[str]] = TargetsOpt, ignore: Optional[List[str]] = IgnoreOpt,
@@ -109,7 +110,7 @@ def encode_cmd(
         k = int(gguf_type[1]) if bits is None and gguf_type and gguf_type[1:2].isdigit() else bits
         r = with_flags(base, bits=k, block_size=block_size, dtype=data_type, double_quant=double_quant,
                        scale_dtype=scale_dtype, scale_search=scale_search, method=method, targets=targets,
-                       ignore=ignore, overrides=override or ())
+                       ignore=ignore, overrides=override or (), scale_refit=scale_refit)
         c = calibration_from_options(calib, calib_tokens, seed, damp, act_order)
         result = encode(src, dst, r, max_shard_size=max_shard_size, force=force, dry_run=dry_run,
                         progress=progress_for(quiet, con), fmt=fmt, gguf_type=gguf_type, calib=c)

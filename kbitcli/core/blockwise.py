@@ -25,7 +25,7 @@ import torch
 from kbitcli.core import codebooks
 from kbitcli.core.nearest import NearestCodes
 from kbitcli.core.pack import pack_into, packed_nbytes, unpack_u8
-from kbitcli.core.scale_search import search_scales
+from kbitcli.core.scale_search import refit_scales, search_scales
 from kbitcli.errors import bad_input
 from kbitcli.io.dtypes import from_name
 
@@ -48,6 +48,7 @@ class Spec:
     scale_dtype: str = "fp16"
     scale_search: int = 1  # candidate scales per block (1 = plain absmax); see scale_search.py
     method: str = "rtn"  # rtn | gptq: how the codes were chosen (the decoder does not care); see core/gptq.py
+    scale_refit: bool = False  # scales refit by least squares to the codes they gave, then coded again (scale_search.py)
 
 
 @dataclass
@@ -145,20 +146,21 @@ def finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.numpy().sum(dtype=np.float64)))
 
 
-def check_scales(absmax: torch.Tensor, spec: Spec, name: str) -> torch.Tensor:
-    """The scales as stored (scale_dtype, rounded up), refusing what that dtype cannot hold: an absmax past its largest
-    value (overflow to Inf), or a non-zero block whose scale rounds to 0 (underflow: the block would decode to
-    all zeros, silently)."""
+def check_scales(absmax: torch.Tensor, spec: Spec, name: str, to_nearest: bool = False) -> torch.Tensor:
+    """The scales as stored (scale_dtype, rounded up; `to_nearest`: rounded to nearest, for refit scales, which
+    are no longer a block's absmax), refusing what that dtype cannot hold: an absmax past its largest value
+    (overflow to Inf), or a non-zero block whose scale rounds to 0 (underflow: the block would decode to all
+    zeros, silently)."""
     sdt = SCALE_DTYPES[spec.scale_dtype]
     if absmax.max() > torch.finfo(sdt).max:
         raise bad_input(
             f"tensor {name!r} has |w| up to {float(absmax.max()):.3g}, beyond {spec.scale_dtype} scales; "
             "set scale_dtype: fp32 (or bf16) in the recipe"
         )
-    scales = round_up(absmax, sdt)
+    scales = absmax.to(sdt) if to_nearest else round_up(absmax, sdt)
     # underflow: below the dtype's normal range a scale loses precision (down to 0, or the smallest subnormal
     # far above the block's values), and the block would decode to zeros or garbage, silently
-    lost = (absmax > 0) & ((scales == 0) | (scales.float() > absmax * (1 + 2**-7)))
+    lost = (absmax > 0) & ((scales == 0) | ((scales.float() - absmax).abs() > absmax * 2**-7))
     if lost.any():
         b = int(lost.nonzero()[0])
         raise bad_input(
@@ -218,13 +220,17 @@ def quantize(w: torch.Tensor, spec: Spec, name: str = "tensor") -> QuantizedTens
     if spec.scale_search > 1:
         table = _table(spec, flat, absmax, B)
         absmax = search_scales(flat, absmax, table, B, spec.scale_search, _chunk_len(B))
+    if spec.scale_refit:
+        if table is None:
+            table = _table(spec, flat, torch.where(absmax > 0, absmax, torch.ones_like(absmax)), B)
+        absmax = refit_scales(flat, absmax, table, B, _chunk_len(B))
 
     scales_absmax = scales_offset = None
     if spec.double_quant:
         scales, scales_absmax, scales_offset = quantize_scales(absmax)
         eff = dequantize_scales(scales, scales_absmax, scales_offset)
     else:
-        scales = check_scales(absmax, spec, name)
+        scales = check_scales(absmax, spec, name, to_nearest=spec.scale_refit)
         eff = scales.float()
     # a block of zeros keeps scale 0 and decodes to 0 whatever its codes; divide by 1 to avoid 0/0
     safe = torch.where(eff > 0, eff, torch.ones_like(eff))

@@ -103,7 +103,9 @@ def base_recipe(ck: KbitCheckpoint) -> Recipe:
         settings = {"bits": m["bits"], "block_size": p.get("block_size", m["block_size"]), "dtype": m["dtype"],
                     "double_quant": m["double_quant"], "scale_dtype": m["scale_dtype"],
                     # checkpoints from before scale search existed used plain absmax scales
-                    "scale_search": m.get("scale_search") or 1}
+                    "scale_search": m.get("scale_search") or 1,
+                    # and, from before the scale refit, plain absmax scales
+                    "scale_refit": bool(m.get("scale_refit", False))}
         pattern = "re:" + re.escape(n)
         targets.append(pattern)
         overrides.append(Override(pattern, settings))

@@ -29,7 +29,7 @@ from kbitcli.core import codebooks
 from kbitcli.core.blockwise import (DQ_BLOCK, QuantizedTensor, Spec, block_absmax, dequantize, dequantize_scales,
                                     nearest, quantize, quantize_scales)
 from kbitcli.core.pack import pack
-from kbitcli.core.scale_search import search_scales
+from kbitcli.core.scale_search import refit_scales, search_scales
 from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse, require_folder,
                                            result_dict, source_dtype_name, who, write_hf_folder)
 from kbitcli.hf import linear_modules, module_of
@@ -131,6 +131,8 @@ def quantize_4bit(w: torch.Tensor, spec: Spec, name: str) -> dict:
     absmax = block_absmax(flat, block, name)
     if spec.scale_search > 1:
         absmax = search_scales(flat, absmax, table, block, spec.scale_search, step)
+    if spec.scale_refit:
+        absmax = refit_scales(flat, absmax, table, block, step)
     amax2 = offset = None
     if spec.double_quant:
         absmax, amax2, offset = quantize_scales(absmax)

@@ -26,7 +26,7 @@ import torch
 
 from kbitcli.core.blockwise import quantize
 from kbitcli.core.pack import unpack
-from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse, require_folder,
+from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refit_problem, refuse, require_folder,
                                            result_dict, who, write_hf_folder)
 from kbitcli.hf import linear_modules, module_of
 from kbitcli.io.spill import Spill, spill_for
@@ -55,6 +55,8 @@ def check(plan, recipe, linears: set[str]) -> None:
             problems.append((f"compressed-tensors stores one float scale per group and "
                              f"{who(t, recipe, 'double_quant')} for double-quantized (8-bit) scales",
                              fix(t, recipe, "double_quant", "false", "--no-double-quant")))
+        if refit_problem(t, recipe, "compressed-tensors"):
+            problems.append(refit_problem(t, recipe, "compressed-tensors"))
         cols = t.shape[1]
         if t.block_label not in ("row", "tensor") and cols % s.block_size:
             near = divisors_near(cols, s.block_size)

@@ -33,7 +33,7 @@ from kbitcli import __version__
 from kbitcli.core.blockwise import Spec
 from kbitcli.errors import bad_input
 from kbitcli.formats import gguf_bert, gguf_grid, gguf_vocab
-from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refuse,
+from kbitcli.formats.export_common import (Item, calibrate, fix, manifest, module_glob, refit_problem, refuse,
                                            require_folder, result_dict, who)
 from kbitcli.io import manifest as manifests
 from kbitcli.io.atomic import AtomicOutput
@@ -112,6 +112,8 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
                              "search does not apply, "
                              f"and {who(t, recipe, 'scale_search')} for {s.scale_search} candidates",
                              fix(t, recipe, "scale_search", 1, "--scale-search 1")))
+        if not calibrated and refit_problem(t, recipe, label):
+            problems.append(refit_problem(t, recipe, label))
         if s.scale_dtype != "fp16":
             problems.append((f"{label} stores fp16 scales and {who(t, recipe, 'scale_dtype')} for {s.scale_dtype}",
                              fix(t, recipe, "scale_dtype", "fp16", "--scale-dtype fp16")))

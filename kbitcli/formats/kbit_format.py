@@ -32,10 +32,21 @@ REMAP_BYTES = 64 << 20
 ORIG_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
+def informative(m: dict) -> tuple[int, str, bool]:
+    """How the encoder chose codes and scales (scale_search, method, scale_refit), kept in the Spec a reader
+    returns so that saving what was loaded writes the same metadata again. Decoding never depends on them, so a
+    file without them (written before they existed) or with values this version does not know reads as the
+    plain defaults instead of failing."""
+    search = m.get("scale_search")
+    search = search if isinstance(search, int) and not isinstance(search, bool) and search >= 1 else 1
+    method = m.get("method") if m.get("method") in ("rtn", "gptq") else "rtn"
+    return search, method, m.get("scale_refit") is True
+
+
 def tensor_meta(tp) -> dict:
     s = tp.spec
     meta = {"bits": s.bits, "block_size": s.block_size, "dtype": s.dtype, "double_quant": s.double_quant,
-            "scale_dtype": s.scale_dtype, "scale_search": s.scale_search, "method": s.method, "shape": list(tp.shape), "orig_dtype": config_name(tp.dtype),
+            "scale_dtype": s.scale_dtype, "scale_search": s.scale_search, "scale_refit": s.scale_refit, "method": s.method, "shape": list(tp.shape), "orig_dtype": config_name(tp.dtype),
             "codebook": f"{tp.name}.codebook" if s.dtype == "quantile" else f"kbit.codebook.{s.dtype}{s.bits}"}
     if s.double_quant:
         meta["scales_codebook"] = "kbit.codebook.dynamic8"  # the table the 8-bit scale codes index
@@ -172,7 +183,7 @@ class KbitCheckpoint:
         each part's dtype and shape (from the header: no data read), finite scales and codebook (one pass over
         a few values per block, never over the codes). Damage is exit 1 naming the tensor."""
         m = self.meta[name]
-        spec = Spec(m["bits"], m["block_size"], m["dtype"], m["double_quant"], m["scale_dtype"])
+        spec = Spec(m["bits"], m["block_size"], m["dtype"], m["double_quant"], m["scale_dtype"], *informative(m))
         # dict lookups in the header parsed at open (no I/O per read), against what the metadata implies
         for suffix, want in expected_parts(spec, math.prod(m["shape"])):
             key = m["codebook"] if suffix is None else f"{name}.{suffix}"  # the table: shared, or the tensor's own

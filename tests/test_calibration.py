@@ -243,3 +243,30 @@ def test_asymmetric_calibration_serves_both_methods(stories_dir, halves, tmp_pat
     g = encode(stories_dir, str(tmp_path / "g"), Recipe(method="gptq"), calib=Calibration(calib, tokens=1024, asymmetric=True))
     assert r["calibration"]["asymmetric"] and r["calibration"]["calibrated_tensors"] == 35
     assert g["calibration"]["calibrated_tensors"] == 35
+
+
+def test_weighted_refit_never_raises_the_weighted_error(stories_dir):
+    """Calibrated RTN: the weighted least-squares refit after the candidate search (grid.refit) keeps a block's
+    new scale only where its importance-weighted error falls, so per block it is never worse, and on real
+    weights it is better in total; scale_search 1 (one candidate) stays plain absmax."""
+    from safetensors import safe_open
+
+    from kbitcli.core.blockwise import Spec
+    from kbitcli.core.gptq import rtn
+    from kbitcli.core.kbit_grid import KbitGrid
+
+    with safe_open(os.path.join(stories_dir, "model.safetensors"), "pt") as f:
+        w = f.get_tensor("model.layers.0.mlp.down_proj.weight")  # 64 x 172: blocks run across rows
+    importance = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(0)) ** 4 + 1e-3
+    for spec, candidates in ((Spec(4, 64, "nf"), 8), (Spec(3, 64, "int", True), 8), (Spec(4, 64, "nf"), 1)):
+        g = KbitGrid(w, spec, "w", candidates)
+        errors = []
+        for refit in (False, True):
+            codes, scale, _ = rtn(w, spec.block_size, g.grid, importance, refit=refit)
+            q = g.grid.levels[codes] * scale.repeat_interleave(spec.block_size)[: w.numel()]
+            e = (q - w.reshape(-1)).pow(2) * importance.repeat(w.shape[0])
+            errors.append(torch.cat([e, e.new_zeros(-e.numel() % 64)]).view(-1, 64).sum(1))
+        if candidates == 1:
+            assert torch.equal(errors[0], errors[1])
+        else:
+            assert torch.all(errors[1] <= errors[0]) and errors[1].sum() < errors[0].sum() * 0.99

@@ -236,9 +236,11 @@ def refit_scales(w: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: t
     return torch.where(better[:, None], s_new, old).reshape(-1)
 
 
-def rtn(w: torch.Tensor, block: int, grid: Grid, importance: torch.Tensor | None = None, chunk_blocks: int = 4096):
+def rtn(w: torch.Tensor, block: int, grid: Grid, importance: torch.Tensor | None = None, chunk_blocks: int = 4096,
+        refit: bool = True):
     """Round-to-nearest on the grid, each block's scale chosen by grid.fit with per-weight importance
-    importance[column] (llama.cpp's imatrix) when given. Same return as gptq()."""
+    importance[column] (llama.cpp's imatrix) when given, then (refit, offset-free grids) refit by weighted least
+    squares (grid.refit). Same return as gptq()."""
     rows, cols = w.shape
     flat = w.float().reshape(-1)
     n = flat.numel()
@@ -253,6 +255,8 @@ def rtn(w: torch.Tensor, block: int, grid: Grid, importance: torch.Tensor | None
         if importance is not None and grid.candidates > 1:
             wt = importance.float()[where % cols] * valid
         s, o = grid.fit(x, wt, ids)
+        if refit and wt is not None and o is None:
+            s = grid.refit(x, s, wt, ids)
         scale[ids] = s
         if offset is not None:
             offset[ids] = o

@@ -80,6 +80,28 @@ class Grid:
             best_s = torch.where(better, s, best_s)
         return best_s, offset
 
+    def refit(self, x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, block_ids: torch.Tensor,
+              rounds: int = 2) -> torch.Tensor:
+        """Weighted least-squares refit of each block's scale (offset-free grids): s = Σ w·x·v / Σ w·v² for the
+        levels v the block's codes take, then stored-rounded; a block keeps it only where its weighted error
+        falls, and the step is repeated with the new codes. The candidate search above only shrinks absmax in 5%
+        steps; this moves each scale to where its codes want it, under the same importance. Measured with
+        --calib (Wikipedia, scored on TinyStories, B64): nf4 ΔNLL 0.95x the search alone on stories260K and
+        0.91x on SmolLM2-135M (KL 0.99x / 0.96x); nf3 0.98x and 0.81x (KL 0.97x / 0.87x) (docs/CALIBRATION.md)."""
+        def weighted_error(s):
+            return ((x - self.values(self.codes(x, s[:, None], None), s[:, None], None)).pow_(2) * weight).sum(1)
+
+        err = weighted_error(scale)
+        for _ in range(rounds):
+            v = self.levels[self.codes(x, scale[:, None], None)]
+            num, den = (weight * x * v).sum(1), (weight * v * v).sum(1)
+            fit = self.round_scale(torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), scale),
+                                   block_ids)
+            e = weighted_error(fit)
+            better = e < err
+            scale, err = torch.where(better, fit, scale), torch.where(better, e, err)
+        return scale
+
     def codes(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         safe = torch.where(scale != 0, scale, torch.ones_like(scale))  # a zero scale decodes to 0 anyway
         if offset is not None:

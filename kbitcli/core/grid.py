@@ -88,18 +88,18 @@ class Grid:
         steps; this moves each scale to where its codes want it, under the same importance. Measured with
         --calib (Wikipedia, scored on TinyStories, B64): nf4 ΔNLL 0.95x the search alone on stories260K and
         0.91x on SmolLM2-135M (KL 0.99x / 0.96x); nf3 0.98x and 0.81x (KL 0.97x / 0.87x) (docs/CALIBRATION.md)."""
-        def weighted_error(s):
-            return ((x - self.values(self.codes(x, s[:, None], None), s[:, None], None)).pow_(2) * weight).sum(1)
+        def levels_and_error(s):  # the levels the block's codes take at scale s, and its weighted error
+            v = self.levels[self.codes(x, s[:, None], None)]
+            return v, ((x - v * s[:, None]).pow_(2) * weight).sum(1)
 
-        err = weighted_error(scale)
+        v, err = levels_and_error(scale)
         for _ in range(rounds):
-            v = self.levels[self.codes(x, scale[:, None], None)]
             num, den = (weight * x * v).sum(1), (weight * v * v).sum(1)
             fit = self.round_scale(torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), scale),
                                    block_ids)
-            e = weighted_error(fit)
+            v_fit, e = levels_and_error(fit)
             better = e < err
-            scale, err = torch.where(better, fit, scale), torch.where(better, e, err)
+            scale, err, v = torch.where(better, fit, scale), torch.where(better, e, err), torch.where(better[:, None], v_fit, v)
         return scale
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:

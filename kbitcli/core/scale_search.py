@@ -15,6 +15,17 @@ import torch
 STEP = 0.05  # candidate scales: absmax * (1 - STEP * i), i = 0 .. n-1
 
 
+def block_views(x: torch.Tensor, start: int, block: int) -> list[tuple[torch.Tensor, slice]]:
+    """A chunk x of a tensor's values (starting at value `start`, a block boundary) as [blocks, block] views with
+    the slice of the tensor's blocks each covers: its whole blocks, then its short last block if any."""
+    b0, full = start // block, x.numel() // block * block
+    views = [(x[:full].view(-1, block), slice(b0, b0 + full // block))] if full else []
+    if full < x.numel():
+        nb = b0 + full // block
+        views.append((x[full:].view(1, -1), slice(nb, nb + 1)))
+    return views
+
+
 def search_scales(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int, n: int,
                   chunk_values: int) -> torch.Tensor:
     """flat: the tensor's values; absmax: fp32 per block; returns fp32 per-block scales (<= absmax)."""
@@ -24,14 +35,7 @@ def search_scales(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
     to_codes = NearestCodes(table, flat.numel(), chunk_values)
     work = torch.empty(min(flat.numel(), chunk_values))  # reused for every candidate of every chunk
     for start in range(0, flat.numel(), chunk_values):
-        x = flat[start : start + chunk_values].float()
-        b0 = start // block
-        full = x.numel() // block * block
-        parts = [(x[:full].view(-1, block), slice(b0, b0 + full // block))] if full else []
-        if full < x.numel():
-            nb = b0 + full // block
-            parts.append((x[full:].view(1, -1), slice(nb, nb + 1)))
-        for xb, sl in parts:
+        for xb, sl in block_views(flat[start : start + chunk_values].float(), start, block):
             amax = absmax[sl]
             err = work[: xb.numel()].view(xb.shape)
             best_err = None
@@ -71,12 +75,7 @@ def refit_scales(flat: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, 
     work = torch.empty(min(flat.numel(), chunk_values))  # reused: x / s, then the codes' values
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     for start in range(0, flat.numel(), chunk_values):
-        x = flat[start : start + chunk_values].float()
-        b0, full = start // block, x.numel() // block * block
-        parts = [(x[:full].view(-1, block), slice(b0, b0 + full // block))] if full else []
-        if full < x.numel():
-            parts.append((x[full:].view(1, -1), slice(b0 + full // block, b0 + full // block + 1)))
-        for xb, sl in parts:
+        for xb, sl in block_views(flat[start : start + chunk_values].float(), start, block):
             v = work[: xb.numel()].view(xb.shape)
             torch.div(xb, safe[sl, None], out=v)
             torch.index_select(table, 0, to_codes(v.view(-1)).int(), out=v.view(-1))

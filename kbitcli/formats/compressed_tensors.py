@@ -55,8 +55,8 @@ def check(plan, recipe, linears: set[str]) -> None:
             problems.append((f"compressed-tensors stores one float scale per group and "
                              f"{who(t, recipe, 'double_quant')} for double-quantized (8-bit) scales",
                              fix(t, recipe, "double_quant", "false", "--no-double-quant")))
-        if refit_problem(t, recipe, "compressed-tensors"):
-            problems.append(refit_problem(t, recipe, "compressed-tensors"))
+        if problem := refit_problem(t, recipe, "compressed-tensors"):
+            problems.append(problem)
         cols = t.shape[1]
         if t.block_label not in ("row", "tensor") and cols % s.block_size:
             near = divisors_near(cols, s.block_size)

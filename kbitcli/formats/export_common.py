@@ -35,18 +35,10 @@ def who(t: TensorPlan, recipe, key: str) -> str:
     return "the recipe/flags ask"
 
 
-def asked(t: TensorPlan, recipe, key: str) -> bool:
-    """Whether the recipe/flags or the override rule that set tensor t give `key` themselves (not a default)."""
-    pattern = t.rule[len("override "):] if t.rule.startswith("override") else None
-    if pattern is not None and any(o.pattern == pattern and key in o.settings for o in recipe.overrides):
-        return True
-    return getattr(recipe, key, None) is not None
-
-
 def refit_problem(t: TensorPlan, recipe, label: str):
-    """A format whose own rounding sets its scales cannot take kbit's scale refit: refused when asked for (the
-    data-free default simply does not apply there), never dropped silently."""
-    if t.spec.scale_refit and asked(t, recipe, "scale_refit"):
+    """A format whose own rounding sets its scales cannot take kbit's scale refit: refused (it is on only where
+    the recipe, a flag or an override asks for it), never dropped silently."""
+    if t.spec.scale_refit:
         return (f"{label} scales come from its own rounding, so kbit's scale refit does not apply, and "
                 f"{who(t, recipe, 'scale_refit')} for it", fix(t, recipe, "scale_refit", "false", "--no-scale-refit"))
     return None

@@ -112,8 +112,8 @@ def check(plan, recipe, gguf_type: str | None, names: dict[str, str], calibrated
                              "search does not apply, "
                              f"and {who(t, recipe, 'scale_search')} for {s.scale_search} candidates",
                              fix(t, recipe, "scale_search", 1, "--scale-search 1")))
-        if not calibrated and refit_problem(t, recipe, label):
-            problems.append(refit_problem(t, recipe, label))
+        if problem := refit_problem(t, recipe, label):
+            problems.append(problem)
         if s.scale_dtype != "fp16":
             problems.append((f"{label} stores fp16 scales and {who(t, recipe, 'scale_dtype')} for {s.scale_dtype}",
                              fix(t, recipe, "scale_dtype", "fp16", "--scale-dtype fp16")))

@@ -25,6 +25,7 @@ from kbitcli.io.dtypes import config_name, from_name, from_safetensors, safetens
 from kbitcli.io.folder import Folder, open_safetensors, read_header
 from kbitcli.io.folder import short_error as _short
 from kbitcli.io.manifest import read_manifest
+from kbitcli.recipes import METHODS
 
 FORMAT_VERSION = 1
 REMAP_BYTES = 64 << 20
@@ -39,7 +40,7 @@ def informative(m: dict) -> tuple[int, str, bool]:
     plain defaults instead of failing."""
     search = m.get("scale_search")
     search = search if isinstance(search, int) and not isinstance(search, bool) and search >= 1 else 1
-    method = m.get("method") if m.get("method") in ("rtn", "gptq") else "rtn"
+    method = m.get("method") if m.get("method") in METHODS else "rtn"
     return search, method, m.get("scale_refit") is True
 
 

@@ -91,7 +91,7 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         base = ref.baseline()
 
         def score(model):
-            return ref.compare(model)
+            return ref.compare(model, per_window=True)
     else:
         lines = ev.encoder_lines(text, args.max_lines)
         emb_d, _ = ev.embed(dense, tok, lines, 256)
@@ -124,7 +124,7 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         if kind == "causal":
             row["delta_nll"] = r["nll"] - base["nll"]
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "window_delta_nll"}), file=sys.stderr, flush=True)
     bnb = next((r for r in rows if r["config"] == "bnb"), None)
     bnb_dq = next((r for r in rows if r["config"] == "bnb-dq"), None)
     for r in rows:
@@ -132,11 +132,22 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         ref = bnb_dq if r["config"].startswith("dq") and bnb_dq else bnb
         if ref and "delta_nll" in r and ref.get("delta_nll"):
             r["vs_bnb"] = r["delta_nll"] / ref["delta_nll"]
+            r["vs_bnb_se"] = paired_ratio_se(r.get("window_delta_nll"), ref.get("window_delta_nll"))
         if ref and "kl_divergence" in r and ref.get("kl_divergence"):
             r["kl_vs_bnb"] = r["kl_divergence"] / ref["kl_divergence"]
+    for r in rows:
+        r.pop("window_delta_nll", None)
     if calib_path != args.calib:
         os.unlink(calib_path)
     return rows
+
+
+def paired_ratio_se(x, y) -> float | None:
+    """Standard error of sum(x) / sum(y) for per-window ΔNLL sums of two configurations on the same windows."""
+    if not x or not y or len(x) != len(y) or len(x) < 2:
+        return None
+    r, m = sum(x) / sum(y), len(x)
+    return (sum((a - r * b) ** 2 for a, b in zip(x, y)) * m / (m - 1)) ** 0.5 / abs(sum(y))
 
 
 def model_name(path: str) -> str:
@@ -150,7 +161,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
         out.append(f"| {model_name(r['model'])} | {r['label']} | {f('bits_per_param', '{:.3f}')} | "
-                   f"{f('nll', '{:.4f}')} | {f('delta_nll', '{:+.4f}')} | {f('vs_bnb', '{:.2f}×')} | "
+                   f"{f('nll', '{:.4f}')} | {f('delta_nll', '{:+.4f}')}{f('delta_nll_se', ' ± {:.4f}')} | {f('vs_bnb', '{:.3f}×')}{f('vs_bnb_se', ' ± {:.3f}')} | "
                    f"{f('kl_divergence', '{:.4f}')} | {f('kl_vs_bnb', '{:.2f}×')} | {f('top1_agreement', '{:.3f}')} | {f('cosine_mean', '{:.4f}')} | "
                    f"{f('cosine_min', '{:.4f}')} | {f('seconds', '{}')} |")
     return "\n".join(out)

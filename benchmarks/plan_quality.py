@@ -93,8 +93,22 @@ def spearman(x, y):
 
 
 def score(ref, base, model):
-    r = ref.compare(model)
-    return {"delta_nll": r["nll"] - base["nll"], "kl": r["kl_divergence"]}
+    r = ref.compare(model, per_window=True)
+    return {"delta_nll": r["nll"] - base["nll"], "delta_nll_se": r["delta_nll_se"], "kl": r["kl_divergence"],
+            "window_delta_nll": r["window_delta_nll"]}
+
+
+def paired_ratio_se(a: dict, b: dict) -> float | None:
+    """Standard error of a's ΔNLL / b's, both scored on the same windows (each window one paired draw)."""
+    x, y = a.get("window_delta_nll"), b.get("window_delta_nll")
+    if not x or not y or len(x) != len(y) or len(x) < 2:
+        return None
+    r, m = sum(x) / sum(y), len(x)
+    return math.sqrt(sum((xi - r * yi) ** 2 for xi, yi in zip(x, y)) * m / (m - 1)) / abs(sum(y))
+
+
+def printable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "window_delta_nll"}
 
 
 def predictors(path, src, targets, calib, probe_names):
@@ -184,7 +198,7 @@ def run_plans(path, src, targets, calib, dense, ref, base, args, res, qparams):
                    "bits": p["predicted"]["bits_per_param_quantized"], "predicted_bytes": p["predicted"]["bytes_out"],
                    "predicted_loss": p["predicted"]["loss"], "plan_seconds": round(plan_timing[f"{kind}@{budget}"], 1), **m}
             res["rows"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            print(json.dumps(printable(row)), file=sys.stderr, flush=True)
     lo, hi = min(args.budgets), max(args.budgets)
     if args.uniform_from:  # uniform and reference rows of an earlier run on the same model and tokens
         with open(args.uniform_from) as fh:
@@ -201,7 +215,7 @@ def run_plans(path, src, targets, calib, dense, ref, base, args, res, qparams):
         m = eval_specs({n: c.spec(t.shape) for n, t in targets.items()})
         row = {"config": f"uniform {c.label()}", "kind": "uniform", "bits": bits, **m}
         res["rows"].append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        print(json.dumps(printable(row)), file=sys.stderr, flush=True)
     try:
         if args.uniform_from:
             raise ImportError  # the reference row came with the uniform ones
@@ -250,7 +264,7 @@ def compare(rows, budgets):
             window = min((u for u in above if u["bits"] <= r["bits"] + 0.3), key=lambda u: u["delta_nll"], default=ref)
             out.append({"budget": b, "plan": r["config"], "plan_bits": r["bits"], "plan_delta_nll": r["delta_nll"],
                         "uniform": ref["config"], "uniform_bits": ref["bits"], "uniform_delta_nll": ref["delta_nll"],
-                        "ratio": r["delta_nll"] / ref["delta_nll"],
+                        "ratio": r["delta_nll"] / ref["delta_nll"], "ratio_se": paired_ratio_se(r, ref),
                         "best_uniform_within_0.3": window["config"], "best_uniform_within_0.3_bits": window["bits"],
                         "best_uniform_within_0.3_delta_nll": window["delta_nll"],
                         "ratio_within_0.3": r["delta_nll"] / window["delta_nll"]})
@@ -280,13 +294,15 @@ def markdown(results):
                    "best uniform ≤ +0.3 bit | ΔNLL | ratio |")
         out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for c in res["comparison"]:
+            se = f" ± {c['ratio_se']:.3f}" if c.get("ratio_se") is not None else ""  # paired, over the windows
             out.append(f"| {c['budget']} | {c['plan']} | {c['plan_bits']:.4f} | {c['plan_delta_nll']:+.4f} | {c['uniform']} | "
-                       f"{c['uniform_bits']:.4f} | {c['uniform_delta_nll']:+.4f} | {c['ratio']:.2f}x | "
+                       f"{c['uniform_bits']:.4f} | {c['uniform_delta_nll']:+.4f} | {c['ratio']:.3f}x{se} | "
                        f"{c['best_uniform_within_0.3']} ({c['best_uniform_within_0.3_bits']:.3f}) | "
                        f"{c['best_uniform_within_0.3_delta_nll']:+.4f} | {c['ratio_within_0.3']:.2f}x |")
-        out.append("\n| config | bits | ΔNLL | KL |\n|---|---|---|---|")
+        out.append("\n| config | bits | ΔNLL ± standard error | KL |\n|---|---|---|---|")
         for r in sorted(res["rows"], key=lambda r: r["bits"]):
-            out.append(f"| {r['config']} | {r['bits']:.4f} | {r['delta_nll']:+.4f} | {r['kl']:.4f} |")
+            se = f" ± {r['delta_nll_se']:.4f}" if r.get("delta_nll_se") is not None else ""
+            out.append(f"| {r['config']} | {r['bits']:.4f} | {r['delta_nll']:+.4f}{se} | {r['kl']:.4f} |")
         b = res["bytes_check"]
         out.append(f"\nbytes: predicted {b['predicted_bytes']:,}, encoded {b['encoded_bytes']:,} "
                    f"(bits/param {b['predicted_bits']:.4f} vs {b['encoded_bits']}); model run {res['seconds']} s")

@@ -128,6 +128,9 @@ def test_parse_grid_values():
         "bits": [2, 3, 4], "block_size": [64, "row"], "dtype": ["nf", "fp"], "double_quant": [True, False]}
     with pytest.raises(KbitError):
         parse_grid("bits=2..4 k=5")  # same key under two names
+    assert parse_grid("bits=4 refit=false,true") == {"bits": [4], "scale_refit": [False, True]}
+    with pytest.raises(KbitError, match="scale_refit takes true/false"):
+        parse_grid("scale_refit=maybe")
 
 
 def test_missing_source_is_exit_2(tmp_path):

@@ -70,6 +70,35 @@ def test_nll_monotone_in_k_and_8bit_close_to_dense(stories_ref, nf_sweep):
     assert all(0 <= t <= 1 for t in top1) and top1[-1] > 0.95 and top1[0] < top1[-1], top1
 
 
+def test_delta_nll_and_its_standard_error(stories_dir, stories_ref, nf_sweep):
+    """delta_nll = nll - dense nll; its standard error comes from the spread of the per-window differences
+    (checked against a direct computation and a bootstrap), is 0 for the dense model against itself, and is
+    small against the gap between k = 3 and k = 4 (so the k ordering above is not noise)."""
+    ref, _ = stories_ref
+    dense_nll = ref.baseline()["nll"]
+    for k in (3, 4):
+        r = nf_sweep[k]
+        assert r["delta_nll"] == pytest.approx(r["nll"] - dense_nll, abs=1e-9)
+        assert 0 < r["delta_nll_se"] < r["delta_nll"] / 4, r
+    assert nf_sweep[3]["delta_nll"] - nf_sweep[4]["delta_nll"] > 5 * nf_sweep[3]["delta_nll_se"]
+    model, _ = load_model(stories_dir, dtype="fp32", tokenizer=False)
+    same = ref.compare(model, per_window=True)
+    assert same["delta_nll"] == pytest.approx(0, abs=1e-9) and same["delta_nll_se"] == pytest.approx(0, abs=1e-9)
+    # a direct computation over the windows, and a bootstrap of windows, for the nf3 model
+    reader = open_weights(stories_dir)
+    plan = make_plan(reader.names_infos, Recipe(bits=3, block_size=64, dtype="nf"))
+    with simulated_quantization(model, reader, plan):
+        r = ref.compare(model, per_window=True)
+    d = torch.tensor(r["window_delta_nll"], dtype=torch.float64)
+    n = torch.tensor(ref.window_tokens, dtype=torch.float64)
+    assert len(d) == len(n) > 50 and int(n.sum()) == ref.tokens
+    assert float(d.sum() / n.sum()) == pytest.approx(r["delta_nll"], rel=1e-9)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(d), (2000, len(d)), generator=g)
+    boot = d[idx].sum(1) / n[idx].sum(1)
+    assert float(boot.std()) == pytest.approx(r["delta_nll_se"], rel=0.15)
+
+
 def test_simulated_quantization_equals_kbit_forward(stories_dir, stories_ref, nf_sweep):
     """The scaling study's shortcut (dense model, dequantized weights) gives the k-bit layers' numbers."""
     ref, _ = stories_ref
@@ -93,8 +122,9 @@ def test_cli_json_keys(stories_dir, tinystories_text):
     assert "stories260K" in res["tokenizer"] and "512" in res["tokenizer"]
     assert res["evaluation"] == "kbit" and res["baseline"]["source"] == "dense"
     q = res["quantized"]
-    for key in ("nll", "ppl", "bits_per_param", "kl_divergence", "top1_agreement"):
+    for key in ("nll", "ppl", "bits_per_param", "kl_divergence", "top1_agreement", "delta_nll", "delta_nll_se"):
         assert isinstance(q[key], float), key
+    assert "window_delta_nll" not in q  # per-window values only when asked for (benchmarks)
     assert q["bits_per_param"] == pytest.approx(4.25)
     assert q["nll"] > res["baseline"]["nll"] and 0 < q["kl_divergence"] and 0 < q["top1_agreement"] < 1
 

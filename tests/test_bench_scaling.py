@@ -163,6 +163,9 @@ def test_shipped_study_parses():
     ("text: {text}\nmodels: [pkg:no_such_pkg_xyz/model]\ngrid: {{bits: [4]}}\n", "not installed"),
     ("text: {text}\nmodels: [{stories}]\ngrid: {{bits: [4]}}\nmax_tokens: -3\n", "max_tokens"),
     ("text: [unclosed\n", "not valid YAML"),
+    ("text: {text}\nmodels: [{stories}]\ngrid: {{bits: [4], scale_refit: [maybe]}}\n", "true/false"),
+    ("text: {text}\nmodels: [{stories}]\ncalib: {text}\ngrid: {{bits: [4], method: [gptq], scale_refit: [true]}}\n",
+     "scale_refit applies to data-free"),
 ])
 def test_bad_study_is_one_line_exit_2(tmp_path, stories_dir, tinystories_text, body, words):
     study = tmp_path / "bad.yaml"
@@ -213,3 +216,30 @@ def test_study_figures_zoom_on_quantized_cells_with_labelled_frontier(study_run)
             assert not any(a.overlaps(b) for a, b in itertools.combinations(labels, 2))
     finally:
         plt.close(fig)
+
+
+def test_scale_refit_axis_cells_differ_and_old_cells_resume(tmp_path, stories_dir, tinystories_text):
+    """grid scale_refit: [false, true] gives two cells per k (refit lowers the weights' error, so the metrics
+    differ); cells.jsonl written before the axis (no scale_refit field) are reused as the refit-free cells."""
+    study = tmp_path / "s.yaml"
+    study.write_text(f"text: {tinystories_text}\nmodels: [{stories_dir}]\nmax_tokens: 512\n"
+                     "grid: {bits: [3], scale_refit: [false, true]}\nrecipe: {scale_search: 1}\n")
+    out = tmp_path / "out"
+    res = run_study(str(study), str(out))
+    assert (res["cells"], res["evaluated"]) == (3, 3)
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()[1:]]
+    q = {c["scale_refit"]: c for c in cells if c["dtype"] != "dense"}
+    assert set(q) == {False, True} and q[False]["metric"] != q[True]["metric"]
+    assert q[False]["total_bits"] == q[True]["total_bits"]  # the refit changes which scales, not how many bits
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["scale_refit"] for r in rows if r["dtype"] == "nf") == ["False", "True"]
+    assert "refit" in (out / "report.md").read_text()
+    nf = [r for r in rows if r["dtype"] == "nf"]
+    assert all(float(r["delta_nll_se"]) > 0 and float(r["delta_nll"]) > 2 * float(r["delta_nll_se"]) for r in nf), nf
+    # an old cells file: drop the field from every cell; the refit-free cells are reused, the refit one re-run
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    old = [lines[0]] + [json.dumps({k: v for k, v in json.loads(x).items() if k != "scale_refit"})
+                        for x in lines[1:] if not json.loads(x).get("scale_refit")]
+    (out / "cells.jsonl").write_text("\n".join(old) + "\n")
+    res = run_study(str(study), str(out), resume=True)
+    assert (res["evaluated"], res["reused"]) == (1, 2)

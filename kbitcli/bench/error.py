@@ -21,7 +21,9 @@ from kbitcli.recipes import Recipe, with_flags
 
 GRID_KEYS = {"bits": "bits", "k": "bits", "block": "block_size", "block_size": "block_size", "dtype": "dtype",
              "type": "dtype", "data_type": "dtype", "double_quant": "double_quant", "dq": "double_quant",
-             "scale_search": "scale_search", "search": "scale_search", "method": "method"}
+             "scale_search": "scale_search", "search": "scale_search", "method": "method",
+             "scale_refit": "scale_refit", "refit": "scale_refit"}
+BOOL_KEYS = ("double_quant", "scale_refit")
 GRID_EXAMPLE = "bits=2..8 block=32,64,128 dtype=nf,fp,int"
 
 
@@ -36,8 +38,8 @@ def parse_grid(specs) -> dict[str, list]:
         if not sep or not key or not values:
             raise bad_input(f"{where}: expected KEY=VALUES, e.g. {GRID_EXAMPLE}")
         if key not in GRID_KEYS:
-            raise bad_input(f"{where}: unknown key {key!r}; use bits, block, dtype, double_quant, scale_search or method "
-                            f"({GRID_EXAMPLE})")
+            raise bad_input(f"{where}: unknown key {key!r}; use bits, block, dtype, double_quant, scale_search, "
+                            f"scale_refit or method ({GRID_EXAMPLE})")
         name = GRID_KEYS[key]
         if name in grid:
             raise bad_input(f"{where}: {key} given twice; list all its values once, comma-separated")
@@ -61,9 +63,9 @@ def _values(name: str, text: str, where: str) -> list:
             out.append(int(part))
         elif name == "block_size":
             out.append(int(part) if part.isdigit() else part)
-        elif name == "double_quant":
+        elif name in BOOL_KEYS:
             if part.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise bad_input(f"{where}: double_quant takes true/false, got {part!r}")
+                raise bad_input(f"{where}: {name} takes true/false, got {part!r}")
             out.append(part.lower() in ("true", "1", "yes"))
         else:
             out.append(part)
@@ -74,15 +76,20 @@ def grid_recipes(base: Recipe, grid: dict[str, list] | None) -> list[Recipe]:
     """One recipe per grid cell (the base recipe's settings where the grid says nothing); each is validated."""
     grid = grid or {}
     cells = [{}]
-    for key in ("method", "dtype", "double_quant", "scale_search", "block_size", "bits"):
+    for key in ("method", "dtype", "double_quant", "scale_search", "scale_refit", "block_size", "bits"):
         if key in grid:
             cells = [{**c, key: v} for c in cells for v in grid[key]]
     recipes = []
     for c in cells:
         try:
-            recipes.append(with_flags(base, **c))
+            r = with_flags(base, **c)
         except KbitError as e:
             raise bad_input(f"--grid: {str(e).removeprefix('flags: ')}") from None
+        if r.scale_refit and (r.method or "rtn") != "rtn":
+            # said before any work: plan.auto_refit would refuse the cell only when it is reached
+            raise bad_input(f"--grid: scale_refit applies to data-free round-to-nearest, not method {r.method}; "
+                            "give the refit cells method rtn (or drop scale_refit)")
+        recipes.append(r)
     return recipes
 
 

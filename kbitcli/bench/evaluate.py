@@ -173,9 +173,13 @@ class CausalReference:
         self.batches = list(batches(windows, vocab_size(dense)))
         self.cache = [] if sum(w.scored for w in windows) * vocab_size(dense) * 4 <= cache_bytes else None
         self.nll_sum, self.tokens = 0.0, 0
+        self.window_tokens = [w.scored for b in self.batches for w in b]  # in batch order
+        self.window_nll: list[float] = []  # the dense model's summed nll per window, same order
         for i in range(len(self.batches)):  # baseline nll now; fills the cache when there is one
             lp, tgt = self._compute(i)
-            self.nll_sum -= lp.gather(1, tgt[:, None]).double().sum().item()
+            sums = _window_sums(lp, tgt, self.batches[i])
+            self.window_nll += sums
+            self.nll_sum += sum(sums)
             self.tokens += tgt.numel()
             if self.cache is not None:
                 self.cache.append((lp, tgt))
@@ -191,21 +195,50 @@ class CausalReference:
     def baseline(self) -> dict:
         return {"nll": self.nll_sum / self.tokens, "ppl": math.exp(self.nll_sum / self.tokens)}
 
-    def compare(self, quant, progress=None) -> dict:
-        """nll/ppl of `quant`, and per token KL(dense || quant) (nats) and top-1 agreement with the dense model."""
+    def compare(self, quant, progress=None, per_window: bool = False) -> dict:
+        """nll/ppl of `quant`, per token KL(dense || quant) (nats) and top-1 agreement with the dense model, and
+        delta_nll (quant's nll - dense's) with its standard error over the windows (the noise of the scored text:
+        windows, not tokens, are the independent draws). per_window: also each window's summed nll difference
+        (`window_delta_nll`, in the order of `window_tokens`), so two configurations can be compared paired."""
         nll = kl = 0.0
         agree = n = 0
+        wq: list[float] = []
         for i, b in enumerate(self.batches):
             lp_d, tgt = self.logprobs(i)
             lp_q, _ = scored_logprobs(quant, b)
-            nll -= lp_q.gather(1, tgt[:, None]).double().sum().item()
+            sums = _window_sums(lp_q, tgt, b)
+            wq += sums
+            nll += sum(sums)
             d, q = lp_d.double(), lp_q.double()  # float64 so a tiny KL is not swamped by rounding
             kl += (d.exp() * (d - q)).sum().item()
             agree += int((lp_d.argmax(-1) == lp_q.argmax(-1)).sum())
             n += tgt.numel()
             if progress is not None:
                 progress.advance(f"k-bit {n} tokens", 0)
-        return {"nll": nll / n, "ppl": math.exp(nll / n), "kl_divergence": kl / n, "top1_agreement": agree / n}
+        diff = [a - b for a, b in zip(wq, self.window_nll)]
+        out = {"nll": nll / n, "ppl": math.exp(nll / n), "kl_divergence": kl / n, "top1_agreement": agree / n,
+               "delta_nll": sum(diff) / n, "delta_nll_se": ratio_se(diff, self.window_tokens)}
+        if per_window:
+            out["window_delta_nll"] = diff
+        return out
+
+
+def _window_sums(lp: torch.Tensor, tgt: torch.Tensor, batch: list[Window]) -> list[float]:
+    """Summed nll of each window of a batch (rows of lp are the windows' scored positions, in order)."""
+    tok = -lp.gather(1, tgt[:, None]).squeeze(1).double()
+    return [float(t.sum()) for t in torch.split(tok, [w.scored for w in batch])]
+
+
+def ratio_se(sums: list[float], counts: list[int]) -> float:
+    """Standard error of sum(sums) / sum(counts), the windows being independent draws (the ratio estimator's
+    linearised variance). 0 with fewer than two windows: no spread to measure."""
+    m = len(sums)
+    if m < 2:
+        return 0.0
+    total = sum(counts)
+    mean = sum(sums) / total
+    var = sum((s - mean * c) ** 2 for s, c in zip(sums, counts)) * m / (m - 1)
+    return math.sqrt(var) / total
 
 
 def encoder_lines(text: str, max_lines: int | None = None) -> list[str]:

@@ -30,6 +30,7 @@ def describe_cell(c: dict, show_search: bool = False) -> str:
         return "dense"
     return (f"k={c['bits']} block={c['block_size']} {c['dtype']}" + ("+dq" if c["double_quant"] else "")
             + (" gptq" if c.get("method") == "gptq" else "")
+            + (" refit" if c.get("scale_refit") else "")
             + (f" search={c.get('scale_search')}" if show_search else ""))
 
 

@@ -32,7 +32,7 @@ MARKERS = {"nf": "o", "fp": "s", "int": "^", "quantile": "D", "dynamic": "v"}
 DPI = 110
 BLOCK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 VARIANT_STYLES = (("-", True), ("--", False), (":", False), ("-.", False))  # (line style, filled markers)
-VARIANT_FIELDS = ("method", "double_quant", "scale_search")
+VARIANT_FIELDS = ("method", "double_quant", "scale_search", "scale_refit")
 
 
 def plot_all(out: str, rows: list[dict]) -> list[str]:
@@ -68,14 +68,22 @@ def _fmt_bits(x: float) -> str:
 
 def _variant_fields(cells: list[dict]) -> list[str]:
     """The grid keys besides k / block / data type whose value differs between cells."""
-    return [f for f in VARIANT_FIELDS if len({c.get(f) for c in cells}) > 1]
+    return [f for f in VARIANT_FIELDS
+            if len({bool(c.get(f)) if f == "scale_refit" else c.get(f) for c in cells}) > 1]  # refit: absent = off
 
 
 def _variant(c: dict, fields: list[str]) -> str:
     parts = []
     for f in fields:
         v = c.get(f)
-        parts.append(str(v) if f == "method" else ("dq" if v else "no dq") if f == "double_quant" else f"search={v}")
+        if f == "method":
+            parts.append(str(v))
+        elif f == "double_quant":
+            parts.append("dq" if v else "no dq")
+        elif f == "scale_refit":
+            parts.append("refit" if v else "absmax")
+        else:
+            parts.append(f"search={v}")
     return " ".join(parts)
 
 

@@ -11,8 +11,8 @@ from kbitcli.bench.plots import plot_all
 from kbitcli.io.atomic import AtomicOutput
 
 COLUMNS = ("model", "kind", "bits", "block_size", "dtype", "double_quant", "total_bits", "params", "bits_per_param_model",
-           "bits_per_param", "method", "metric_name", "metric", "nll", "ppl", "kl_divergence", "top1_agreement", "cosine_mean",
-           "cosine_min", "on_frontier")
+           "bits_per_param", "method", "scale_refit", "metric_name", "metric", "nll", "ppl", "delta_nll", "delta_nll_se",
+           "kl_divergence", "top1_agreement", "cosine_mean", "cosine_min", "on_frontier")
 
 def _label(c: dict, rows: list[dict]) -> str:
 

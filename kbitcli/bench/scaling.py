@@ -37,7 +37,7 @@ STUDY_KEYS = {"name", "text", "models", "grid", "recipe", "context", "stride", "
               "calib", "calib_tokens"}
 MODEL_KEYS = {"path", "name"}
 CELLS = "cells.jsonl"
-CELL_KEY = ("model", "bits", "block_size", "dtype", "double_quant", "scale_search", "method")
+CELL_KEY = ("model", "bits", "block_size", "dtype", "double_quant", "scale_search", "method", "scale_refit")
 
 
 def resolve_path(value, base: str, where: str) -> str:
@@ -154,7 +154,9 @@ def _calib_key(calib) -> list | None:
 
 
 def cell_key(cell: dict) -> tuple:
-    return tuple(cell.get(k) for k in CELL_KEY)
+    # cells.jsonl written before the scale_refit axis have no such field: they were refit-free
+    return tuple(bool(cell.get(k)) if k == "scale_refit" and cell.get("dtype") != "dense" else cell.get(k)
+                 for k in CELL_KEY)
 
 
 def open_cells(out: str, fp: str, resume: bool, force: bool) -> dict:
@@ -241,7 +243,7 @@ class ModelEvaluator:
 
     def baseline(self) -> dict:
         base = {"model": self.name, "path": self.path, "kind": self.kind, "bits": None, "block_size": None, "dtype": "dense",
-                "double_quant": None, "scale_search": None, "method": None, "total_bits": self.dense_bits, "params": self.params(),
+                "double_quant": None, "scale_search": None, "method": None, "scale_refit": None, "total_bits": self.dense_bits, "params": self.params(),
                 "bits_per_param_model": self.dense_bits / self.params(), "bits_per_param": None}
         if self.kind == "causal":
             b = self.ref.baseline()
@@ -279,7 +281,8 @@ class ModelEvaluator:
                 m = self.metric(self.quant)
         return {"model": self.name, "path": self.path, "kind": self.kind, "bits": recipe.bits,
                 "block_size": recipe.block_size, "dtype": recipe.dtype, "double_quant": recipe.double_quant,
-                "scale_search": recipe.scale_search, "method": recipe.method, "total_bits": s["bytes_out"] * 8, "params": s["params"], "bits_per_param_model": s["bytes_out"] * 8 / s["params"],
+                "scale_search": recipe.scale_search, "method": recipe.method, "scale_refit": bool(recipe.scale_refit),
+                "total_bits": s["bytes_out"] * 8, "params": s["params"], "bits_per_param_model": s["bytes_out"] * 8 / s["params"],
                 "bits_per_param": s["bits_per_param_quantized"], **m, "seconds": round(time.time() - t0, 3)}
 
 
@@ -312,9 +315,11 @@ def run_study(study_path: str, out: str, *, resume: bool = False, force: bool = 
         progress.start("scaling", 0, todo_total)
     try:
         for model in study["models"]:
-            keys = [(model["name"], None, None, "dense", None, None, None)] + [
-                (model["name"], r.bits, r.block_size, r.dtype, r.double_quant, r.scale_search, r.method)
-                for r in study["recipes"]] + [(model["name"], b, "mixed", "plan", True, None, "rtn") for b in plans]
+            keys = [(model["name"], None, None, "dense", None, None, None, None)] + [
+                (model["name"], r.bits, r.block_size, r.dtype, r.double_quant, r.scale_search, r.method,
+                 bool(r.scale_refit)) for r in study["recipes"]] + [
+                (model["name"], b, "mixed", "plan", True, None, "rtn", bool(study["base_recipe"].scale_refit))
+                for b in plans]  # a plan keeps the base recipe's settings (allocate/write.py), its refit included
             if all(k in done for k in keys):
                 cells += [done[k] for k in keys]
                 if progress is not None:

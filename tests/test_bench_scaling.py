@@ -233,7 +233,9 @@ def test_scale_refit_axis_cells_differ_and_old_cells_resume(tmp_path, stories_di
     assert q[False]["total_bits"] == q[True]["total_bits"]  # the refit changes which scales, not how many bits
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted(r["scale_refit"] for r in rows if r["dtype"] == "nf") == ["False", "True"]
-    assert "refit" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "refit" in report and "ΔNLL ± SE" in report
+    assert f"{q[True]['delta_nll']:+.4f} ± {q[True]['delta_nll_se']:.4f}" in report
     nf = [r for r in rows if r["dtype"] == "nf"]
     assert all(float(r["delta_nll_se"]) > 0 and float(r["delta_nll"]) > 2 * float(r["delta_nll_se"]) for r in nf), nf
     # an old cells file: drop the field from every cell; the refit-free cells are reused, the refit one re-run

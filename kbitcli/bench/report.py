@@ -45,6 +45,13 @@ def write_results(out: str, study: dict, cells: list[dict], result: dict) -> lis
 
 
 
+def dnll(r: dict) -> str:
+    """ΔNLL vs dense with its standard error over the scored windows (causal cells; the dense row has neither)."""
+    if r.get("delta_nll") is None:
+        return ""
+    return f"{r['delta_nll']:+.4f} ± {r['delta_nll_se']:.4f}" if r.get("delta_nll_se") is not None else f"{r['delta_nll']:+.4f}"
+
+
 def shown(path: str) -> str:
     """A path as a report shows it: relative to where the study ran, never the machine's absolute layout."""
     rel = os.path.relpath(os.path.abspath(path))
@@ -75,13 +82,13 @@ def report(study: dict, rows: list[dict], result: dict, figures: list[str]) -> s
                   "| k | best | total bits | metric |", "|---|---|---|---|"]
         lines += [f"| {k} | {b['config']} | {b['total_bits']:,} | {b['metric']:.5g} |" for k, b in v["best_per_k"].items()]
         lines += ["",
-                  "### All cells", "", "| config | total bits | bits/param (model) | metric | KL | top-1 | cosine min |",
-                  "|---|---|---|---|---|---|---|"]
+                  "### All cells", "", "| config | total bits | bits/param (model) | metric | KL | ΔNLL ± SE | top-1 | cosine min |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(mine, key=lambda r: (r["total_bits"], r["metric"])):
             def fmt(key, spec=".5g"):
                 return "" if r.get(key) is None else format(r[key], spec)
             lines.append(f"| {_label(r, rows)}{' **(frontier)**' if r['on_frontier'] else ''} | {r['total_bits']:,} | "
-                         f"{r['bits_per_param_model']:.3f} | {r['metric']:.5g} | {fmt('kl_divergence')} | "
+                         f"{r['bits_per_param_model']:.3f} | {r['metric']:.5g} | {fmt('kl_divergence')} | {dnll(r)} | "
                          f"{fmt('top1_agreement', '.4f')} | {fmt('cosine_min')} |")
         lines.append("")
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]

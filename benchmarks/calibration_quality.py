@@ -121,8 +121,6 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
                      "calibration_seconds": (enc.get("calibration") or {}).get("seconds")}
         r = score(q)
         row = {"model": path, "config": key, "label": label, **r, **extra, "seconds": round(time.time() - t0, 1)}
-        if kind == "causal":
-            row["delta_nll"] = r["nll"] - base["nll"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "window_delta_nll"}), file=sys.stderr, flush=True)
     bnb = next((r for r in rows if r["config"] == "bnb"), None)
@@ -132,7 +130,8 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
         ref = bnb_dq if r["config"].startswith("dq") and bnb_dq else bnb
         if ref and "delta_nll" in r and ref.get("delta_nll"):
             r["vs_bnb"] = r["delta_nll"] / ref["delta_nll"]
-            r["vs_bnb_se"] = paired_ratio_se(r.get("window_delta_nll"), ref.get("window_delta_nll"))
+            if "window_delta_nll" in r and "window_delta_nll" in ref:  # same windows: the paired standard error
+                r["vs_bnb_se"] = ev.ratio_se(r["window_delta_nll"], ref["window_delta_nll"])
         if ref and "kl_divergence" in r and ref.get("kl_divergence"):
             r["kl_vs_bnb"] = r["kl_divergence"] / ref["kl_divergence"]
     for r in rows:
@@ -140,14 +139,6 @@ def run_model(path: str, args, configs: list[str]) -> list[dict]:
     if calib_path != args.calib:
         os.unlink(calib_path)
     return rows
-
-
-def paired_ratio_se(x, y) -> float | None:
-    """Standard error of sum(x) / sum(y) for per-window ΔNLL sums of two configurations on the same windows."""
-    if not x or not y or len(x) != len(y) or len(x) < 2:
-        return None
-    r, m = sum(x) / sum(y), len(x)
-    return (sum((a - r * b) ** 2 for a, b in zip(x, y)) * m / (m - 1)) ** 0.5 / abs(sum(y))
 
 
 def model_name(path: str) -> str:

@@ -99,12 +99,11 @@ def score(ref, base, model):
 
 
 def paired_ratio_se(a: dict, b: dict) -> float | None:
-    """Standard error of a's ΔNLL / b's, both scored on the same windows (each window one paired draw)."""
-    x, y = a.get("window_delta_nll"), b.get("window_delta_nll")
-    if not x or not y or len(x) != len(y) or len(x) < 2:
+    """Standard error of a's ΔNLL / b's, both scored on the same windows (rows of an earlier run given with
+    --uniform-from may lack the per-window sums: None)."""
+    if "window_delta_nll" not in a or "window_delta_nll" not in b:
         return None
-    r, m = sum(x) / sum(y), len(x)
-    return math.sqrt(sum((xi - r * yi) ** 2 for xi, yi in zip(x, y)) * m / (m - 1)) / abs(sum(y))
+    return ev.ratio_se(a["window_delta_nll"], b["window_delta_nll"])
 
 
 def printable(row: dict) -> dict:

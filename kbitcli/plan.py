@@ -120,16 +120,20 @@ def auto_search(settings: dict, calibrated: bool) -> int:
     return CALIBRATED_SEARCH if calibrated else DATA_FREE_SEARCH
 
 
+def refit_refused(settings: dict, calibrated: bool) -> bool:
+    """scale_refit asked for where it does not apply: with calibration or a method other than rtn."""
+    return bool(settings.get("scale_refit")) and (calibrated or (settings.get("method") or "rtn") != "rtn")
+
+
 def auto_refit(settings: dict, calibrated: bool, name: str) -> bool:
     """Least-squares scale refit (core/scale_search.refit_scales), for data-free round-to-nearest only (calibrated
     quantizers fit their scales to the inputs). Off unless asked for: it lowered KL to dense on every model and
     text measured (0.92-0.98x bitsandbytes) but raised SmolLM2-135M's ΔNLL on TinyStories by 25%, and the data-free
     default must not lose to bitsandbytes' absmax on the model's loss (issue 8; docs/CALIBRATION.md)."""
-    asked = settings.get("scale_refit")
-    if asked and (calibrated or (settings.get("method") or "rtn") != "rtn"):
+    if refit_refused(settings, calibrated):
         raise bad_input(f"tensor {name!r}: scale_refit applies to data-free round-to-nearest; with --calib or "
                         "--method gptq the scales are fitted to the calibration data (drop scale_refit)")
-    return bool(asked)
+    return bool(settings.get("scale_refit"))
 
 
 def _resolve(settings: dict, name: str, shape, calibrated: bool = False) -> tuple[Spec, int | str]:

@@ -16,7 +16,7 @@ import torch
 
 from kbitcli.core.blockwise import dequantize, quantize
 from kbitcli.errors import KbitError, bad_input
-from kbitcli.plan import Plan, auto_refit, auto_search, make_plan
+from kbitcli.plan import Plan, auto_refit, auto_search, make_plan, refit_refused
 from kbitcli.recipes import Recipe, with_flags
 
 GRID_KEYS = {"bits": "bits", "k": "bits", "block": "block_size", "block_size": "block_size", "dtype": "dtype",
@@ -85,7 +85,7 @@ def grid_recipes(base: Recipe, grid: dict[str, list] | None) -> list[Recipe]:
             r = with_flags(base, **c)
         except KbitError as e:
             raise bad_input(f"--grid: {str(e).removeprefix('flags: ')}") from None
-        if r.scale_refit and (r.method or "rtn") != "rtn":
+        if refit_refused(r.settings(), calibrated=False):  # rtn cells are data-free; gptq cells calibrated
             # said before any work: plan.auto_refit would refuse the cell only when it is reached
             raise bad_input(f"--grid: scale_refit applies to data-free round-to-nearest, not method {r.method}; "
                             "give the refit cells method rtn (or drop scale_refit)")

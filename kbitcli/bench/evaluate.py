@@ -229,16 +229,18 @@ def _window_sums(lp: torch.Tensor, tgt: torch.Tensor, batch: list[Window]) -> li
     return [float(t.sum()) for t in torch.split(tok, [w.scored for w in batch])]
 
 
-def ratio_se(sums: list[float], counts: list[int]) -> float:
+def ratio_se(sums: list[float], counts: list[float]) -> float:
     """Standard error of sum(sums) / sum(counts), the windows being independent draws (the ratio estimator's
-    linearised variance). 0 with fewer than two windows: no spread to measure."""
+    linearised variance). counts: each window's scored tokens (the SE of a ΔNLL), or another configuration's
+    per-window ΔNLL sums on the same windows (the paired SE of a ratio of two ΔNLLs). 0 with fewer than two
+    windows: no spread to measure."""
     m = len(sums)
     if m < 2:
         return 0.0
     total = sum(counts)
     mean = sum(sums) / total
     var = sum((s - mean * c) ** 2 for s, c in zip(sums, counts)) * m / (m - 1)
-    return math.sqrt(var) / total
+    return math.sqrt(var) / abs(total)
 
 
 def encoder_lines(text: str, max_lines: int | None = None) -> list[str]:

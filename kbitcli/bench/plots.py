@@ -68,8 +68,7 @@ def _fmt_bits(x: float) -> str:
 
 def _variant_fields(cells: list[dict]) -> list[str]:
     """The grid keys besides k / block / data type whose value differs between cells."""
-    return [f for f in VARIANT_FIELDS
-            if len({bool(c.get(f)) if f == "scale_refit" else c.get(f) for c in cells}) > 1]  # refit: absent = off
+    return [f for f in VARIANT_FIELDS if len({c.get(f) for c in cells}) > 1]
 
 
 def _variant(c: dict, fields: list[str]) -> str:

@@ -154,9 +154,7 @@ def _calib_key(calib) -> list | None:
 
 
 def cell_key(cell: dict) -> tuple:
-    # cells.jsonl written before the scale_refit axis have no such field: they were refit-free
-    return tuple(bool(cell.get(k)) if k == "scale_refit" and cell.get("dtype") != "dense" else cell.get(k)
-                 for k in CELL_KEY)
+    return tuple(cell.get(k) for k in CELL_KEY)
 
 
 def open_cells(out: str, fp: str, resume: bool, force: bool) -> dict:
@@ -181,6 +179,8 @@ def open_cells(out: str, fp: str, resume: bool, force: bool) -> dict:
                 cell = json.loads(line)
             except ValueError:  # a line cut short by a crash: that cell runs again
                 continue
+            # cells written before the scale_refit axis have no such field: they were refit-free
+            cell.setdefault("scale_refit", None if cell.get("dtype") == "dense" else False)
             done[cell_key(cell)] = cell
     os.makedirs(out, exist_ok=True)
     # (re)start the file with the header and the good cells only, so nothing is appended to a broken line

@@ -36,7 +36,7 @@ def show(r: dict, con) -> None:
         f"{how['documents']} {how['mode'] if how['mode'] == 'stream' else 'documents split on ' + repr(how['separator'])}, "
         f"stride {r['stride']}")
     con.print(f"context {r['context']}, {r['tokens']:,} tokens ({unit}); tokenizer: {r['tokenizer']}")
-    if r["kind"] == "causal" and "delta_nll_se" in q:
+    if r["kind"] == "causal":
         # the noise of the scored text: two cells whose ΔNLL differ by less than ~2 standard errors are a tie
         con.print(f"ΔNLL vs dense {q['delta_nll']:+.4f} ± {q['delta_nll_se']:.4f} nats/token (standard error over the "
                   "windows; KL is the steadier measure)")

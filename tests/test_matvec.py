@@ -108,6 +108,20 @@ def test_threads_agree_on_a_large_layer(lib):
         check(m, lib, 3, threads=4)
 
 
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_k4_straight_line_walk(lib, block):
+    """k = 4 with blocks of 32, 64 or 128 (every recipe's) takes a walk compiled per block size (blocks in pairs,
+    two accumulators): rows of an odd and an even number of blocks, a row longer than one pass of the scale table
+    (512 blocks), every scale storage, one row of x (the walk) and three (the general one)."""
+    g = torch.Generator().manual_seed(block)
+    for cols, scale_dtype, dq in ((block * 5, "fp16", False), (block * 6, "fp32", False), (block * 7, "bf16", False),
+                                  (block * 515, "fp16", True)):
+        w = torch.randn(24 if cols < 10_000 else 3, cols, generator=g)
+        m = KbitLinear.from_quantized(quantize(w, Spec(4, block, "nf", double_quant=dq, scale_dtype=scale_dtype)))
+        for rows in (1, 3):
+            check(m, lib, rows, seed=rows)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_uses_kernel_and_matches_slab_path(weights, lib, dtype, monkeypatch):
     """KbitLinear.forward: batch 1 and a small batch go through the kernel, a batch past the crossover through
@@ -115,11 +129,17 @@ def test_forward_uses_kernel_and_matches_slab_path(weights, lib, dtype, monkeypa
     bias = torch.randn(64)
     m = KbitLinear.from_quantized(quantize(weights[W_DOWN], Spec(4, 64, "nf", double_quant=True)), bias=bias)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    calls = []
+    matmul = matvec.PackedWeight.matmul
+    monkeypatch.setattr(matvec.PackedWeight, "matmul", lambda self, *a, **k: calls.append(1) or matmul(self, *a, **k))
     for shape in ((1, 1, 172), (2, 3, 172), (1, m.kernel_max_rows() + 5, 172)):
         x = torch.randn(shape).to(dtype)
         assert (m._use_kernel(x) is not None) == (x.numel() <= m.kernel_max_rows() * 172)
         with torch.no_grad():
+            calls.clear()
             fused = m(x)
+            # forward's inlined fp32 check and _use_kernel (the other dtypes' path) agree on when the kernel runs
+            assert len(calls) == (m._use_kernel(x) is not None)
             monkeypatch.setattr(matvec, "ENABLED", False)  # what KBIT_KERNEL=0 sets at import
             assert m._use_kernel(x) is None
             slab = m(x)
@@ -134,6 +154,25 @@ def test_autograd_keeps_the_slab_path(weights):
     assert m._use_kernel(x) is None  # finetuning needs the graph: torch's path
     m(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_python_entry_point_and_ctypes_only_build_agree(weights, lib, tmp_path):
+    """Where Python.h is present the library is also a CPython extension and batch-1 calls go through its
+    `matmul` (csrc/kbit_pyext.c); without it (python=False: what a machine without python3-dev builds) ctypes
+    makes the same call. Same result bit for bit; a malformed call is a Python error, not a crash."""
+    if matvec.python_include() is not None:
+        assert lib.fast_matmul is not None, "Python.h is present: the kernel must be built as an extension"
+        with pytest.raises(TypeError):
+            lib.fast_matmul(1, 2, 3)
+        with pytest.raises(ValueError):
+            lib.fast_matmul(0, 0, 1, 0, 1)
+    plain = matvec.load(matvec.build(directory=str(tmp_path), python=False))
+    assert plain.fast_matmul is None
+    for bits in (3, 4, 8):
+        m = KbitLinear.from_quantized(quantize(weights[W_UP], Spec(bits, 64, "nf")))
+        x = torch.randn(2, 64)
+        assert torch.equal(m.packed_weight().matmul(lib, x), m.packed_weight().matmul(plain, x))
+        check(m, plain, 2)
 
 
 def test_portable_build_matches(weights, tmp_path):

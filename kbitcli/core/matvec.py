@@ -19,6 +19,12 @@ the hash of the source, the flags and the CPU's feature flags, and written via a
 concurrent processes never load a half-written file. No compiler, a failed build or KBIT_KERNEL=0 means
 None from `kernel()` (a one-line warning on stderr, once, unless switched off on purpose), and callers keep
 their torch path: `make test` and `make demo` stay two commands on a machine without gcc.
+
+How Python calls it: ctypes for everything but the batch-1 matmul, which goes through a CPython entry point
+compiled into the same library (csrc/kbit_pyext.c) where this interpreter's Python.h is present. A decode step
+makes ~200 such calls, and through ctypes each cost ~13 us of call overhead in a real step against ~2 us of work
+in a small layer (docs/SPEED.md). Without Python.h the library is built from kbit_matmul.c alone and ctypes
+makes that call too (`fast_matmul` is None): same results, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,16 +32,20 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 import torch
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "kbit_matmul.c")
+PYEXT_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "kbit_pyext.c")  # SOURCE + a CPython entry point
 FLAGS = ["-O3", "-march=native", "-pthread", "-ffp-contract=off", "-shared", "-fPIC"]
 ABI_VERSION = 3
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3}
@@ -84,17 +94,29 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def build(cc: str | None = None, extra_flags: tuple[str, ...] = (), directory: str | None = None) -> str:
-    """Compile the kernel (or find it already compiled) and return the library's path; raises on failure."""
+def python_include() -> str | None:
+    """The folder holding this interpreter's Python.h, or None (no python3-dev: the ctypes-only build)."""
+    inc = sysconfig.get_paths().get("include")
+    return inc if inc and os.path.isfile(os.path.join(inc, "Python.h")) else None
+
+
+def build(cc: str | None = None, extra_flags: tuple[str, ...] = (), directory: str | None = None,
+          python: bool = True) -> str:
+    """Compile the kernel (or find it already compiled) and return the library's path; raises on failure. With
+    python (and Python.h present) the library is also a CPython extension module (csrc/kbit_pyext.c)."""
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     src, csrc = b"", os.path.dirname(SOURCE)
-    for name in sorted(f for f in os.listdir(csrc) if f.endswith((".c", ".h"))):  # the .c file and its headers
+    for name in sorted(f for f in os.listdir(csrc) if f.endswith((".c", ".h"))):  # the .c files and headers
         with open(os.path.join(csrc, name), "rb") as fh:
             src += name.encode() + fh.read()
-    flags = FLAGS + list(extra_flags)
-    key = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    inc = python_include() if python else None
+    flags = FLAGS + list(extra_flags) + ([f"-I{inc}"] if inc else [])
+    source = PYEXT_SOURCE if inc else SOURCE
+    # the extension is tied to this interpreter's ABI: its version and extension suffix are part of the key
+    abi = f"{source} {sys.version} {sysconfig.get_config_var('EXT_SUFFIX')}" if inc else source
+    key = hashlib.sha256(src + " ".join([cc, abi] + flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
     directory = directory or cache_dir()
     path = os.path.join(directory, f"kbit_matmul-{key}.so")
     if os.path.exists(path):
@@ -103,7 +125,7 @@ def build(cc: str | None = None, extra_flags: tuple[str, ...] = (), directory: s
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *flags, "-o", tmp, source], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:] or ['?']}")
         os.replace(tmp, path)  # atomic: another process sees no file or the whole file
@@ -121,7 +143,18 @@ def load(path: str) -> ctypes.CDLL:
     lib.kbit_matmul.restype = ctypes.c_int
     lib.kbit_decode.argtypes = [ctypes.POINTER(Weight), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.kbit_decode.restype = ctypes.c_int
+    lib.fast_matmul = _python_entry(lib, path)
     return lib
+
+
+def _python_entry(lib: ctypes.CDLL, path: str):
+    """The library's CPython `matmul` (csrc/kbit_pyext.c), or None for a ctypes-only build."""
+    if not hasattr(lib, "PyInit_kbit_kernel"):
+        return None
+    loader = importlib.machinery.ExtensionFileLoader("kbit_kernel", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("kbit_kernel", loader))
+    loader.exec_module(module)
+    return module.matmul
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +221,8 @@ class PackedWeight:
             w.dq_offset = float(scales_offset.reshape(-1)[0])
         self.struct = w
         self.ref = ctypes.byref(w)  # made once: generation calls each layer once per token, ~200 layers a token
-        self.out_shapes: dict[torch.Size, torch.Size] = {}
+        self.addr = ctypes.addressof(w)
+        self.out_shapes: dict[torch.Size, tuple[int, ...]] = {}
         self.threads_cap = max(1, self.rows * self.cols // MIN_VALUES_PER_THREAD)
 
     def decode_rows(self, lib: ctypes.CDLL, r0: int, r1: int, threads: int | None = None) -> torch.Tensor:
@@ -200,14 +234,15 @@ class PackedWeight:
             raise ValueError(f"the kernel refused to decode rows [{r0}, {r1}) of a {self.rows}x{self.cols} weight")
         return out
 
-    def out_shape(self, shape: torch.Size) -> torch.Size:
-        """The output's shape for an input of `shape`, checked, and remembered: building a torch.Size costs more
-        than the kernel call on a small layer, and a decode loop sees the same one or two shapes."""
+    def out_shape(self, shape: torch.Size) -> tuple[int, ...]:
+        """The output's shape for an input of `shape` as a tuple of ints, checked, and remembered: a decode loop
+        sees the same one or two shapes. Ints, not a torch.Size: torch.empty(1, 1, 576) parses in ~1.3 us,
+        torch.empty(torch.Size(...)) in ~2.8 us, on a layer whose kernel call takes ~2.6 us (a 64x64 layer)."""
         out = self.out_shapes.get(shape)
         if out is None:
             if not shape or shape[-1] != self.in_features:
                 raise ValueError(f"input has {shape[-1] if shape else 0} features, the weight takes {self.in_features}")
-            out = shape[:-1] + (self.out_features,)
+            out = tuple(int(d) for d in shape[:-1]) + (self.out_features,)
             if len(self.out_shapes) < 16:
                 self.out_shapes[shape] = out
         return out
@@ -218,8 +253,13 @@ class PackedWeight:
         shape = self.out_shape(x.shape)
         if x.dtype is not torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
-        y = torch.empty(shape, dtype=torch.float32)
+        y = torch.empty(*shape, dtype=torch.float32)
         n = min(threads or torch.get_num_threads(), self.threads_cap)
-        if lib.kbit_matmul(self.ref, x.data_ptr(), x.numel() // self.in_features, y.data_ptr(), n):
+        m, fast = x.numel() // self.in_features, lib.fast_matmul
+        if fast is not None:  # the CPython entry point: ~10 us a call less than ctypes in a decode step
+            rc = fast(self.addr, x.data_ptr(), m, y.data_ptr(), n)
+        else:
+            rc = lib.kbit_matmul(self.ref, x.data_ptr(), m, y.data_ptr(), n)
+        if rc:
             raise ValueError(f"the kernel refused k={self.struct.bits}, block={self.struct.block}")
         return y

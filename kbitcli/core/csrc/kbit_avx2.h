@@ -265,8 +265,75 @@ static inline __attribute__((always_inline)) void row_dot_fast(const kbit_weight
     }
     out[0] = hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
+/* k = 4 with blocks of 32, 64 or 128 (every recipe's): the walk above with the block's step count a
+ * compile-time constant, so the steps are straight-line code, the four byte planes and the accumulators stay in
+ * the 16 ymm registers (the generic walk reloads the planes and spills two accumulators every block: ~80
+ * instructions per 64 values, which is what capped it at ~2.6 values a cycle), a block's four partial sums are
+ * added before its one scale multiply, and two block accumulators alternate (FMA latency). */
+#define K4_VALUES(P, V0, V1, V2, V3)                                                                             \
+    do {                                                                                                         \
+        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(P)));                          \
+        __m256i c_ = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v_, 4), v_, 0xF0), nib);              \
+        __m256i b0_ = _mm256_shuffle_epi8(pl0, c_), b1_ = _mm256_shuffle_epi8(pl1, c_);                           \
+        __m256i b2_ = _mm256_shuffle_epi8(pl2, c_), b3_ = _mm256_shuffle_epi8(pl3, c_);                           \
+        __m256i lo01_ = _mm256_unpacklo_epi8(b0_, b1_), hi01_ = _mm256_unpackhi_epi8(b0_, b1_);                  \
+        __m256i lo23_ = _mm256_unpacklo_epi8(b2_, b3_), hi23_ = _mm256_unpackhi_epi8(b2_, b3_);                  \
+        V0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01_, lo23_));                                           \
+        V1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01_, lo23_));                                           \
+        V2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01_, hi23_));                                           \
+        V3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01_, hi23_));                                           \
+    } while (0)
+
+static inline __attribute__((always_inline)) __m256 k4_block(const uint8_t *cp, const float *xp, const __m256i pl0,
+                                                             const __m256i pl1, const __m256i pl2, const __m256i pl3,
+                                                             const __m256i nib, const int NQ) {
+    __m256 v0, v1, v2, v3;
+    K4_VALUES(cp, v0, v1, v2, v3);
+    __m256 a0 = _mm256_mul_ps(v0, _mm256_loadu_ps(xp)), a1 = _mm256_mul_ps(v1, _mm256_loadu_ps(xp + 8));
+    __m256 a2 = _mm256_mul_ps(v2, _mm256_loadu_ps(xp + 16)), a3 = _mm256_mul_ps(v3, _mm256_loadu_ps(xp + 24));
+    for (int q = 1; q < NQ; q++) {
+        K4_VALUES(cp + 16 * q, v0, v1, v2, v3);
+        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xp + 32 * q), a0);
+        a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xp + 32 * q + 8), a1);
+        a2 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xp + 32 * q + 16), a2);
+        a3 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xp + 32 * q + 24), a3);
+    }
+    return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+}
+
+static inline __attribute__((always_inline)) void row_dot_k4(const kbit_weight *w, const simd_ctx *s, int64_t r,
+                                                             const float *xd, float *out, const int NQ) {
+    const int64_t B = 32 * NQ, nb = w->cols / B;
+    const uint8_t *row = w->codes + r * w->cols / 2;
+    const __m256i pl0 = s->plane[0], pl1 = s->plane[1], pl2 = s->plane[2], pl3 = s->plane[3];
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    enum { PASS = 512 };
+    float scl[PASS];
+    for (int64_t p0 = 0; p0 < nb; p0 += PASS) {
+        const int64_t n = nb - p0 < PASS ? nb - p0 : PASS;
+        row_scales(w, r * nb + p0, n, 1.0f, scl);
+        const uint8_t *cp = row + p0 * B / 2;
+        const float *xp = xd + p0 * B;
+        int64_t b = 0;
+        for (; b + 2 <= n; b += 2, cp += B, xp += 2 * B) {
+            _mm_prefetch((const char *)cp + PREFETCH_BYTES, _MM_HINT_T0);
+            acc0 = _mm256_fmadd_ps(k4_block(cp, xp, pl0, pl1, pl2, pl3, nib, NQ), _mm256_set1_ps(scl[b]), acc0);
+            acc1 = _mm256_fmadd_ps(k4_block(cp + B / 2, xp + B, pl0, pl1, pl2, pl3, nib, NQ), _mm256_set1_ps(scl[b + 1]),
+                                   acc1);
+        }
+        if (b < n) acc0 = _mm256_fmadd_ps(k4_block(cp, xp, pl0, pl1, pl2, pl3, nib, NQ), _mm256_set1_ps(scl[b]), acc0);
+    }
+    out[0] = hsum8(_mm256_add_ps(acc0, acc1));
+}
+
 static void dot_fast_4(const kbit_weight *w, const simd_ctx *s, int64_t r, const float *xd, float *out) {
-    row_dot_fast(w, s, r, xd, out, 4);
+    switch (w->block) {
+    case 32: row_dot_k4(w, s, r, xd, out, 1); return;
+    case 64: row_dot_k4(w, s, r, xd, out, 2); return;
+    case 128: row_dot_k4(w, s, r, xd, out, 4); return;
+    default: row_dot_fast(w, s, r, xd, out, 4);
+    }
 }
 static void dot_fast_8(const kbit_weight *w, const simd_ctx *s, int64_t r, const float *xd, float *out) {
     row_dot_fast(w, s, r, xd, out, 8);

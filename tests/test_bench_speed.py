@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kbitcli.bench.speed import bench_speed
 from kbitcli.commands.app import app
+from kbitcli.core import matvec
 from kbitcli.errors import KbitError
 from kbitcli.recipes import Recipe
 
@@ -22,6 +23,8 @@ def test_cli_dense_model_json_and_out(stories_dir, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["quantization"]["bits"] == 4
+    # which kernel ran: this machine's instruction set and the CPython call (gcc and Python.h are present here)
+    assert res["kernel"] == matvec.describe() and res["kernel"].startswith(("AVX2 + FMA", "AVX-512 VBMI"))
     for stage in ("encode", "decode"):
         assert res[stage]["mb_per_s"] > 0 and res[stage]["bytes_in"] > 0
     # decode writes back as many tensor bytes as encode read (the file adds only its header)
@@ -77,3 +80,10 @@ def test_bad_inputs(stories_dir, tmp_path):
     assert r.exit_code == 2 and "not a model folder" in r.stderr
     r = CliRunner().invoke(app, ["bench", "speed", stories_dir, "-k", "9"])
     assert r.exit_code == 2 and "bits" in r.stderr
+
+
+def test_kernel_description(monkeypatch):
+    """bench speed names the kernel that ran; with KBIT_KERNEL=0 it says the torch path ran instead."""
+    assert matvec.describe().endswith("CPython entry point") == (matvec.python_include() is not None)
+    monkeypatch.setattr(matvec, "ENABLED", False)
+    assert matvec.describe().startswith("off (KBIT_KERNEL=0)")

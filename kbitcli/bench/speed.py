@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from kbitcli.core import matvec
 from kbitcli.errors import bad_input
 from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.formats.registry import detect
@@ -176,7 +177,7 @@ def bench_speed(model_path: str, recipe: Recipe | None = None, *, batch: int = 1
     if is_kbit and recipe is not None:
         raise bad_input(f"{model_path} is already a kbit checkpoint; drop the encode options, or pass the dense original")
     result = {"model": model_path, "batch": batch, "seq": seq, "runs": runs, "dtype": dtype or "stored",
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "kernel": matvec.describe()}
     steps = (0 if is_kbit else 1) + 1 + (2 if rss else 0) + 1 + runs * (1 + bool(prefill) + bool(generate_tokens))
     progress.start("bench speed", 0, steps)
     work = tempfile.mkdtemp(prefix="kbit-speed-")

@@ -50,6 +50,7 @@ def show(r: dict, con) -> None:
         t.add_row("process RSS growth (load + 1 forward)", human_bytes(r["rss"]["dense_delta"]), human_bytes(r["rss"]["kbit_delta"]),
                   _ratio(r["rss"]["ratio"]))
     con.print(t)
+    con.print(f"kernel: {r['kernel']}")
     e, d = r.get("encode"), r["decode"]
     con.print(("encode " + (f"{e['mb_per_s']:.1f} MB/s ({human_bytes(e['bytes_in'])} dense in {e['seconds']:.2f} s); " if e else "-; "))
               + f"decode {d['mb_per_s']:.1f} MB/s ({human_bytes(d['bytes_out'])} dense out in {d['seconds']:.2f} s); "

@@ -186,6 +186,21 @@ def kernel() -> ctypes.CDLL | None:
     return _kernel() if ENABLED else None
 
 
+SIMD_PATHS = {0: "portable loop", 1: "AVX-512 VBMI", 2: "AVX2 + FMA"}
+
+
+def describe() -> str:
+    """Which kernel this process runs batch-1 k-bit matmuls with, for `kbit bench speed` (a slow machine's first
+    question): its instruction set and how Python calls it, or why there is none."""
+    if not ENABLED:
+        return "off (KBIT_KERNEL=0): torch decodes slabs"
+    lib = kernel()
+    if lib is None:
+        return "unavailable (no C compiler or a failed build): torch decodes slabs"
+    return (f"{SIMD_PATHS.get(lib.kbit_has_simd(), '?')}, "
+            f"{'CPython entry point' if lib.fast_matmul is not None else 'ctypes (no Python.h)'}")
+
+
 @functools.lru_cache(maxsize=256)
 def _table256(values: bytes) -> torch.Tensor:
     """A codebook padded to 256 entries with NaN (codes past its end exist only in a damaged file)."""

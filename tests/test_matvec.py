@@ -252,6 +252,22 @@ def test_build_is_cached_and_failure_falls_back(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "x") if f.endswith(".so")]  # nothing half-written left behind
 
 
+def test_a_python_h_that_does_not_compile_falls_back_to_ctypes(tmp_path, monkeypatch):
+    """Headers of another interpreter (here: a Python.h that does not compile): the kernel is built without the
+    CPython entry point, not given up for torch's slab path."""
+    broken = tmp_path / "include"
+    broken.mkdir()
+    (broken / "Python.h").write_text("#error not this interpreter's headers\n")
+    monkeypatch.setattr(matvec, "python_include", lambda: str(broken))
+    monkeypatch.setenv("KBIT_CACHE_DIR", str(tmp_path / "cache"))
+    matvec._kernel.cache_clear()
+    try:
+        lib = matvec._kernel()
+        assert lib is not None and lib.fast_matmul is None and lib.kbit_abi_version() == matvec.ABI_VERSION
+    finally:
+        matvec._kernel.cache_clear()  # the next caller builds (or finds) the real one again
+
+
 def test_no_compiler_warns_once_and_generates(stories_dir, tmp_path):
     """A fresh process with no usable compiler: one warning on stderr, and a k-bit model still runs."""
     code = ("import torch\nfrom kbitcli.core.blockwise import Spec, quantize\n"

@@ -160,7 +160,14 @@ def _python_entry(lib: ctypes.CDLL, path: str):
 @functools.lru_cache(maxsize=None)
 def _kernel() -> ctypes.CDLL | None:
     try:
-        return load(build())
+        try:
+            return load(build())
+        except Exception:
+            if python_include() is None:
+                raise
+            # Python.h that does not compile or load (headers of another interpreter): the ctypes-only library
+            # is the same kernel, a few microseconds a call slower
+            return load(build(python=False))
     except Exception as e:  # never crash: the torch path computes the same thing, slower
         print(f"kbit: fused k-bit kernel unavailable ({e}); using the slower torch path "
               "(set KBIT_KERNEL=0 to silence this)", file=sys.stderr)

@@ -179,17 +179,14 @@ class KbitLinear(nn.Module):
 
     # ---- compute --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32 and self.compute_dtype in (None, torch.float32) and matvec.ENABLED and x.is_cpu \
-                and not x.requires_grad:
+        if x.dtype is torch.float32 and self.compute_dtype in (None, torch.float32):
             # fp32 at batch 1 (token-by-token decode: ~200 calls a token) goes straight to the kernel: what
-            # _forward computes (the checks of _use_kernel, inlined), in as few Python and torch calls as it takes
-            # (each ~0.1-2 us; on a small layer they, not the kernel, are the cost, and nn.Linear is the bar)
-            pw = self.packed_weight()
-            if x.numel() <= pw.kernel_numel:
-                lib = matvec.kernel()
-                if lib is not None:
-                    out = pw.matmul(lib, x)
-                    return out if self.bias is None else out.add_(self.bias)
+            # _forward computes, in as few Python and torch calls as it takes (each ~0.1-2 us; on a small layer
+            # they, not the kernel, are the cost, and nn.Linear is the bar)
+            use = self._use_kernel(x)
+            if use is not None:
+                out = use[0].matmul(use[1], x)
+                return out if self.bias is None else out.add_(self.bias)
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         return self._forward(x.to(dtype), dtype).to(in_dtype)

@@ -201,20 +201,31 @@ static void fast_x(const kbit_weight *w, const float *x, float *out) {
         for (int j = 0; j < 4; j++) { out[i + j] = x[i + 2 * j]; out[i + 4 + j] = x[i + 2 * j + 1]; }
 }
 
+/* the 32 fp32 codebook values of 16 bytes of k = 4 codes (row_dot_fast's order, see above): PLn the byte planes */
+#define K4_VALUES(P, PL0, PL1, PL2, PL3, NIB, V0, V1, V2, V3)                                                     \
+    do {                                                                                                          \
+        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(P)));                          \
+        __m256i c_ = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v_, 4), v_, 0xF0), (NIB));             \
+        __m256i b0_ = _mm256_shuffle_epi8((PL0), c_), b1_ = _mm256_shuffle_epi8((PL1), c_);                       \
+        __m256i b2_ = _mm256_shuffle_epi8((PL2), c_), b3_ = _mm256_shuffle_epi8((PL3), c_);                       \
+        __m256i lo01_ = _mm256_unpacklo_epi8(b0_, b1_), hi01_ = _mm256_unpackhi_epi8(b0_, b1_);                   \
+        __m256i lo23_ = _mm256_unpacklo_epi8(b2_, b3_), hi23_ = _mm256_unpackhi_epi8(b2_, b3_);                   \
+        V0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01_, lo23_));                                            \
+        V1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01_, lo23_));                                            \
+        V2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01_, hi23_));                                            \
+        V3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01_, hi23_));                                            \
+    } while (0)
+
 /* 32 values (k = 4: 16 bytes) or 16 values (k = 8: 16 bytes) from byte p times x, into the block's accumulators */
 #define FAST_STEP(K, P, XP, A0, A1, A2, A3)                                                                       \
     do {                                                                                                          \
         if ((K) == 4) {                                                                                           \
-            __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(P)));                       \
-            __m256i c_ = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v_, 4), v_, 0xF0), nib);           \
-            __m256i b0_ = _mm256_shuffle_epi8(plane[0], c_), b1_ = _mm256_shuffle_epi8(plane[1], c_);              \
-            __m256i b2_ = _mm256_shuffle_epi8(plane[2], c_), b3_ = _mm256_shuffle_epi8(plane[3], c_);              \
-            __m256i lo01_ = _mm256_unpacklo_epi8(b0_, b1_), hi01_ = _mm256_unpackhi_epi8(b0_, b1_);               \
-            __m256i lo23_ = _mm256_unpacklo_epi8(b2_, b3_), hi23_ = _mm256_unpackhi_epi8(b2_, b3_);               \
-            A0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01_, lo23_)), _mm256_loadu_ps(XP), A0); \
-            A1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01_, lo23_)), _mm256_loadu_ps((XP) + 8), A1); \
-            A2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01_, hi23_)), _mm256_loadu_ps((XP) + 16), A2); \
-            A3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01_, hi23_)), _mm256_loadu_ps((XP) + 24), A3); \
+            __m256 u0_, u1_, u2_, u3_;                                                                            \
+            K4_VALUES(P, plane[0], plane[1], plane[2], plane[3], nib, u0_, u1_, u2_, u3_);                         \
+            A0 = _mm256_fmadd_ps(u0_, _mm256_loadu_ps(XP), A0);                                                   \
+            A1 = _mm256_fmadd_ps(u1_, _mm256_loadu_ps((XP) + 8), A1);                                             \
+            A2 = _mm256_fmadd_ps(u2_, _mm256_loadu_ps((XP) + 16), A2);                                            \
+            A3 = _mm256_fmadd_ps(u3_, _mm256_loadu_ps((XP) + 24), A3);                                            \
         } else {                                                                                                  \
             __m256i d0_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P)));                             \
             __m256i d1_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((P) + 8)));                       \
@@ -270,29 +281,15 @@ static inline __attribute__((always_inline)) void row_dot_fast(const kbit_weight
  * the 16 ymm registers (the generic walk reloads the planes and spills two accumulators every block: ~80
  * instructions per 64 values, which is what capped it at ~2.6 values a cycle), a block's four partial sums are
  * added before its one scale multiply, and two block accumulators alternate (FMA latency). */
-#define K4_VALUES(P, V0, V1, V2, V3)                                                                             \
-    do {                                                                                                         \
-        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(P)));                          \
-        __m256i c_ = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v_, 4), v_, 0xF0), nib);              \
-        __m256i b0_ = _mm256_shuffle_epi8(pl0, c_), b1_ = _mm256_shuffle_epi8(pl1, c_);                           \
-        __m256i b2_ = _mm256_shuffle_epi8(pl2, c_), b3_ = _mm256_shuffle_epi8(pl3, c_);                           \
-        __m256i lo01_ = _mm256_unpacklo_epi8(b0_, b1_), hi01_ = _mm256_unpackhi_epi8(b0_, b1_);                  \
-        __m256i lo23_ = _mm256_unpacklo_epi8(b2_, b3_), hi23_ = _mm256_unpackhi_epi8(b2_, b3_);                  \
-        V0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01_, lo23_));                                           \
-        V1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01_, lo23_));                                           \
-        V2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01_, hi23_));                                           \
-        V3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01_, hi23_));                                           \
-    } while (0)
-
 static inline __attribute__((always_inline)) __m256 k4_block(const uint8_t *cp, const float *xp, const __m256i pl0,
                                                              const __m256i pl1, const __m256i pl2, const __m256i pl3,
                                                              const __m256i nib, const int NQ) {
     __m256 v0, v1, v2, v3;
-    K4_VALUES(cp, v0, v1, v2, v3);
+    K4_VALUES(cp, pl0, pl1, pl2, pl3, nib, v0, v1, v2, v3);
     __m256 a0 = _mm256_mul_ps(v0, _mm256_loadu_ps(xp)), a1 = _mm256_mul_ps(v1, _mm256_loadu_ps(xp + 8));
     __m256 a2 = _mm256_mul_ps(v2, _mm256_loadu_ps(xp + 16)), a3 = _mm256_mul_ps(v3, _mm256_loadu_ps(xp + 24));
     for (int q = 1; q < NQ; q++) {
-        K4_VALUES(cp + 16 * q, v0, v1, v2, v3);
+        K4_VALUES(cp + 16 * q, pl0, pl1, pl2, pl3, nib, v0, v1, v2, v3);
         a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xp + 32 * q), a0);
         a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xp + 32 * q + 8), a1);
         a2 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xp + 32 * q + 16), a2);

@@ -60,18 +60,31 @@ def test_blocks_are_independent_and_unpadded(odd, block):
         alone = quantize(piece, Spec(3, piece.numel(), "nf", scale_search=1))
         amax = piece.abs().max()
         assert alone.scales.item() == qt.scales[j].item()
-        # the stored fp16 scale is the smallest fp16 value >= the block's absmax (never clips its largest weight)
-        assert qt.scales[j].float() >= amax and (qt.scales[j].float() == amax or
-                                                 torch.nextafter(qt.scales[j], torch.tensor(0.0, dtype=torch.float16)).float() < amax)
+        # the stored fp16 scale is the block's absmax rounded to nearest
+        assert qt.scales[j] == amax.to(torch.float16)
         assert torch.equal(dequantize(alone), out[j * block : (j + 1) * block])
+
+
+@pytest.mark.parametrize("k,dtype,scale_dtype", [(4, "nf", "fp16"), (3, "int", "fp16"), (4, "fp", "bf16"),
+                                                  (2, "quantile", "fp16")])
+def test_data_free_codes_are_those_of_the_fp32_scale(down, k, dtype, scale_dtype):
+    """Plain absmax with fp16/bf16 scales stores the same codes as with fp32 scales (bitsandbytes' codes for
+    NF4), and each scale is its fp32 value rounded to nearest: the narrower scale changes decoded values by one
+    rounding of the scale, never which code a weight gets."""
+    exact = quantize(down, Spec(k, 64, dtype, scale_dtype="fp32", scale_search=1))
+    narrow = quantize(down, Spec(k, 64, dtype, scale_dtype=scale_dtype, scale_search=1))
+    assert torch.equal(narrow.codes, exact.codes) and torch.equal(narrow.codebook, exact.codebook)
+    assert torch.equal(narrow.scales, exact.scales.to(bw.SCALE_DTYPES[scale_dtype]))
+    moved = (narrow.scales.float() - exact.scales).abs()
+    assert moved.max() > 0  # the case is not vacuous: some scales did round
 
 
 def test_row_and_tensor_blocks(down):
     row = quantize(down, Spec(4, bw.resolve_block("row", tuple(down.shape)), "int", scale_search=1))
     assert row.spec.block_size == 172 and row.scales.numel() == 64
-    assert torch.equal(row.scales, bw.round_up(down.abs().amax(dim=1), torch.float16))
+    assert torch.equal(row.scales, down.abs().amax(dim=1).to(torch.float16))
     whole = quantize(down, Spec(4, bw.resolve_block("tensor", tuple(down.shape)), "int", scale_search=1))
-    assert whole.scales.numel() == 1 and whole.scales.item() == bw.round_up(down.abs().max(), torch.float16).item()
+    assert whole.scales.numel() == 1 and whole.scales.item() == down.abs().max().to(torch.float16).item()
     # finer blocks, smaller error: 64 < row (172) < tensor (11008)
     e64 = sqnr_db(down, dequantize(quantize(down, Spec(4, 64, "int", scale_search=1))))
     assert e64 > sqnr_db(down, dequantize(row)) > sqnr_db(down, dequantize(whole))
@@ -83,7 +96,7 @@ def test_row_of_a_convolution_is_one_output_channel():
     w = torch.randn(8, 4, 3, 3) * torch.logspace(-3, 0, 8)[:, None, None, None]  # channels of very different size
     qt = quantize(w, Spec(4, bw.resolve_block("row", tuple(w.shape)), "int", scale_search=1))
     assert qt.spec.block_size == 36 and qt.scales.numel() == 8
-    assert torch.equal(qt.scales, bw.round_up(w.abs().flatten(1).amax(dim=1), torch.float16))
+    assert torch.equal(qt.scales, w.abs().flatten(1).amax(dim=1).to(torch.float16))
     assert bw.resolve_block("row", (5,)) == 5
 
 

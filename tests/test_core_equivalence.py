@@ -131,19 +131,17 @@ def ref_quantize(w: torch.Tensor, spec: Spec) -> dict:
     out = {}
     if spec.double_quant:
         out["scales"], out["scales_absmax"], out["scales_offset"], effective = ref_double_quant(absmax)
+        coded = effective  # codes against the scales as the decoder will read them
     else:
-        # stored scales are rounded *up* to the scale dtype (never below the block's absmax): the nearest
-        # value, or the next representable one above it when the nearest fell below
-        dt = blockwise.SCALE_DTYPES[spec.scale_dtype]
-        nearest = absmax.to(dt)
-        up = torch.nextafter(nearest, torch.full_like(nearest, float("inf")))
-        # (a refit scale is not an absmax any more: rounded to nearest)
-        out["scales"] = nearest if spec.scale_refit else torch.where(nearest.float() < absmax, up, nearest)
+        # stored scales are the fp32 ones rounded to nearest in the scale dtype; the codes are those of the fp32
+        # scale (for absmax: bitsandbytes' codes), except a refit scale, which is coded again against its stored value
+        out["scales"] = absmax.to(blockwise.SCALE_DTYPES[spec.scale_dtype])
         effective = out["scales"].float()
-    divisor = torch.where(effective > 0, effective, torch.ones(()))  # an all-zero block divides by 1
+        coded = effective if spec.scale_refit else absmax
+    divisor = torch.where(coded > 0, coded, torch.ones(()))  # an all-zero block divides by 1
     per_value = divisor.repeat_interleave(B)[: flat.numel()]
     if table is None:
-        table = ref_quantile_table(flat, effective, B, k) if spec.dtype == "quantile" else codebooks.fixed_codebook(spec.dtype, k)
+        table = ref_quantile_table(flat, coded, B, k) if spec.dtype == "quantile" else codebooks.fixed_codebook(spec.dtype, k)
     codes = ref_nearest(flat.float() / per_value, table)
     out.update(codes=ref_pack(codes, k), codebook=table)
     out["decoded"] = table[codes] * effective.repeat_interleave(B)[: flat.numel()]

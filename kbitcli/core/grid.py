@@ -5,8 +5,10 @@ Round-to-nearest and GPTQ (core/gptq.py) share it, so any data type and any form
 `fit` chooses a block's scale (and offset) from its values, already rounded to what the file stores
 (fp16, bf16, fp32, or the 8-bit double-quant grid), so the encoder's arithmetic is the decoder's.
 
-Scale choice. `candidates` = 1 is plain absmax (bitsandbytes' NF4 codes). With more candidates each block
-tries absmax * (1, 0.95, 0.90, ...) and keeps the one with the least *weighted* squared error
+Scale choice. `candidates` = 1 is plain absmax (with fp32 scales, bitsandbytes' NF4 codes; with fp16 the
+grid codes against the stored scale, rounded up, where blockwise.quantize codes data-free blocks against
+the fp32 absmax). With more candidates each block tries absmax * (1, 0.95, 0.90, ...) and keeps the one
+with the least *weighted* squared error
 sum_j imp_j (w_j - q_j)^2, where imp_j is the importance of the weight's input channel: E[x_j^2] over
 calibration tokens (llama.cpp's imatrix) when there is calibration data, uniform otherwise. Uniform weights
 minimise plain squared error, which measured worse than absmax on SmolLM2 (issue 8): a block's largest
@@ -117,8 +119,8 @@ class Grid:
 
 
 def storage_rounding(scale_dtype: torch.dtype) -> Callable:
-    """Scales stored as fp16 / bf16 / fp32, rounded up as the plain encoder does (blockwise.round_up): the
-    decoder reads them back as fp32."""
+    """Scales stored as fp16 / bf16 / fp32, rounded up (blockwise.round_up: never below the absmax GPTQ's
+    error updates start from): the decoder reads them back as fp32."""
     from kbitcli.core.blockwise import round_up
 
     return lambda s, _ids: round_up(s, scale_dtype).float()

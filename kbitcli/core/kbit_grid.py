@@ -38,7 +38,7 @@ class KbitGrid:
                 raise bad_input(f"tensor {name!r} has |w| up to {float(absmax.max()):.3g}, beyond {spec.scale_dtype} "
                                 "scales; set scale_dtype: fp32 (or bf16) in the recipe")
             rounding = storage_rounding(sdt)
-            eff = check_scales(absmax, spec, name).float()
+            eff = check_scales(absmax, spec, name, up=True).float()
         # a quantile table comes from the values over their stored round-to-nearest scales, as quantize() does
         safe = torch.where(eff > 0, eff, torch.ones_like(eff))
         self.table = _table(spec, flat, safe, B)  # codes index this table (sorted ascending)

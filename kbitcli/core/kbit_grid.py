@@ -39,7 +39,7 @@ class KbitGrid:
                                 "scales; set scale_dtype: fp32 (or bf16) in the recipe")
             rounding = storage_rounding(sdt)
             eff = check_scales(absmax, spec, name, up=True).float()
-        # a quantile table comes from the values over their stored round-to-nearest scales, as quantize() does
+        # a quantile table comes from the values over the scales coded against (quantize(): the fp32 absmax)
         safe = torch.where(eff > 0, eff, torch.ones_like(eff))
         self.table = _table(spec, flat, safe, B)  # codes index this table (sorted ascending)
         self.rounding = rounding

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import kbitcli.api as kbit
+from kbitcli.core import matvec
 from kbitcli.finetune.lora import select_targets
 from kbitcli.formats.kbit_format import KbitCheckpoint
 from kbitcli.hf import name_mapper
@@ -81,8 +82,14 @@ def test_stories_embedding_loads_k_bit_and_ties_lm_head(stories_dir, stories_emb
     ids = tok("Once upon a time there was a big dog", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
-        # batch 1 decode: the lm_head runs through the fused kernel (or the slab path without one); same logits
-        torch.testing.assert_close(model(ids[:, :1]).logits, ref(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+        # batch 1 decode: the lm_head runs through the fused kernel (or the slab path without one): its exact walk
+        # gives the same logits; its integer path (the default, x and the table rounded to int16) ~1e-4 of them
+        old = matvec.set_exact(True)
+        try:
+            torch.testing.assert_close(model(ids[:, :1]).logits, ref(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+        finally:
+            matvec.set_exact(old)
+        torch.testing.assert_close(model(ids[:, :1]).logits, ref(ids[:, :1]).logits, rtol=1e-3, atol=3e-3)
     got = generate_text(model, tok, "Once upon a time", max_new_tokens=16)
     want = generate_text(ref, tok, "Once upon a time", max_new_tokens=16)
     assert got["new_tokens"] == 16 and got["token_ids"] == want["token_ids"]

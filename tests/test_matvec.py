@@ -3,6 +3,7 @@ weights (ragged 172-column rows with blocks of 64) and every k, data type, scale
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,10 +41,22 @@ def slab_result(m: KbitLinear, x: torch.Tensor) -> torch.Tensor:
     return x.double() @ w.t()
 
 
+@contextlib.contextmanager
+def exact(lib):
+    """The exact fp32 walk for batch-1 k = 4 / k = 8 int rows too (KBIT_EXACT=1), for `lib` only, in the block."""
+    lib.kbit_set_int16(0)
+    try:
+        yield
+    finally:
+        lib.kbit_set_int16(0 if matvec.EXACT else 1)
+
+
 def check(m: KbitLinear, lib, rows: int, seed: int = 0, threads: int | None = None):
+    """The kernel's exact path against the float64 reference: every k, dtype and layout within fp32 rounding."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, m.in_features, generator=g)
-    got = m.packed_weight().matmul(lib, x, threads=threads)
+    with exact(lib):
+        got = m.packed_weight().matmul(lib, x, threads=threads)
     ref = slab_result(m, x)
     assert got.shape == (rows, m.out_features)
     err = (got.double() - ref).abs().max() / ref.abs().max()

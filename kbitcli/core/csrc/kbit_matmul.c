@@ -8,6 +8,7 @@
  * Each output row (or, transposed, each stored row) is walked as segments: the part of the row inside one block.
  * A segment is decoded 16 codes at a time: since 16 codes are 2k whole bytes, the bit offset of the first code
  * is the same for every 16-code chunk of the segment, so one (byte shuffle, shift) pattern serves it all. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -337,6 +338,19 @@ static inline void decode_range(const kbit_weight *w, const simd_ctx *s, int64_t
 }
 #define CTX_DECL simd_ctx ctx = 0; const simd_ctx *s = &ctx;
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(KBIT_PORTABLE)
+#include "kbit_int16.h"
+#endif
+/* 1: batch-1 rows take the integer path where it exists (kbit_int16.h); 0: always the exact fp32 walk */
+static _Atomic int int16_on = 1;
+void kbit_set_int16(int on) { atomic_store(&int16_on, on ? 1 : 0); }
+int kbit_has_int16(void) {
+#ifdef KBIT_INT16
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* One compiled copy per (k, rows of x at once): k and mc are literals inside each, so the shifts, lookups and
  * accumulators are resolved at compile time and the accumulators live in registers. */
@@ -361,7 +375,7 @@ typedef void (*decode_fn)(const kbit_weight *, const simd_ctx *, int64_t, int64_
 DEFD(2) DEFD(3) DEFD(4) DEFD(5) DEFD(6) DEFD(7) DEFD(8)
 static const decode_fn DECODE[9] = {0, 0, decode_2, decode_3, decode_4, decode_5, decode_6, decode_7, decode_8};
 
-int kbit_abi_version(void) { return 3; }
+int kbit_abi_version(void) { return 4; }
 
 int kbit_has_simd(void) { /* 0 portable, 1 AVX-512 VBMI, 2 AVX2 + FMA */
 #ifdef KBIT_AVX512
@@ -380,7 +394,12 @@ typedef struct {
     const float *x;
     float *y;
     int64_t m, per, nchunks; /* per: rows (columns) per chunk */
-    int fast;                /* one row of x through dot_fast_K (x laid out by fast_x) */
+    int fast;                /* 1: one row of x through dot_fast_K (x laid out by fast_x); 2: through i16_dot */
+#ifdef KBIT_INT16
+    const int16_t *xq;       /* fast == 2: x as int16 in groups of 32 (i16_quantize_x), and the groups' scales */
+    const float *xs;
+    i16_book book;
+#endif
     int64_t start, stop;     /* decode jobs (x == NULL): flat positions [start, stop) into y */
 } job_t;
 
@@ -394,6 +413,12 @@ static void run_chunk(const job_t *j, int64_t idx) {
     }
     if (!w->transposed) { /* y[:, r] = x @ stored row r */
         int64_t r1 = (idx + 1) * j->per < rows ? (idx + 1) * j->per : rows;
+#ifdef KBIT_INT16
+        if (j->fast == 2) {
+            i16_dot(w, &j->book, idx * j->per, r1, j->xq, j->xs, j->y);
+            return;
+        }
+#endif
 #ifdef KBIT_FAST_ROW
         if (j->fast) {
             for (int64_t r = idx * j->per; r < r1; r++)
@@ -523,14 +548,32 @@ int kbit_matmul(const kbit_weight *w, const float *x, int64_t m, float *y, int n
         if (w->transposed && m) memset(y, 0, (size_t)(m * w->cols) * sizeof(float));
         return 0;
     }
-    CTX_DECL
     if (nthreads < 1) nthreads = 1;
-    job_t j = {w, s, x, y, m, 0, 0, 0, 0, 0};
+    job_t j = {0};
+    j.w = w, j.x = x, j.y = y, j.m = m;
     int64_t n = w->transposed ? w->cols : w->rows;
     int64_t want = nthreads > 1 ? 8 * (int64_t)nthreads : 1; /* several chunks each: a late thread costs little */
     j.per = (n + want - 1) / want;
     if (w->transposed) j.per = (j.per + 15) / 16 * 16; /* whole 16-lane vectors of columns */
     j.nchunks = (n + j.per - 1) / j.per;
+#ifdef KBIT_INT16
+    if (atomic_load(&int16_on) && i16_row_ok(w, m) && i16_codebook(w, &j.book)) {
+        int16_t stack_q[4096], *xq = w->cols <= 4096 ? stack_q : malloc((size_t)w->cols * sizeof(int16_t));
+        float stack_s[4096 / I16_GROUP], *xs = w->cols <= 4096 ? stack_s : malloc((size_t)w->cols / I16_GROUP * sizeof(float));
+        int done = 0, ok = xq && xs;
+        if (ok && i16_quantize_x(x, w->cols, w->bits == 4, xq, xs)) {
+            j.xq = xq, j.xs = xs, j.fast = 2;
+            run_job(&j, nthreads); /* returns when every chunk is done: the buffers outlive the workers' reads */
+            done = 1;
+        }
+        if (xq && xq != stack_q) free(xq);
+        if (xs && xs != stack_s) free(xs);
+        if (!ok) return 1;
+        if (done) return 0;
+    }
+#endif
+    CTX_DECL /* after the integer path, which needs none of it (~0.1 us a call saved) */
+    j.s = s;
 #ifdef KBIT_FAST_ROW
     if (fast_row_ok(w, m)) {
         float stack[4096], *xd = w->cols <= 4096 ? stack : malloc((size_t)w->cols * sizeof(float));
@@ -555,7 +598,8 @@ int kbit_decode(const kbit_weight *w, int64_t start, int64_t stop, float *out, i
     if (stop == start) return 0;
     CTX_DECL
     if (nthreads < 1) nthreads = 1;
-    job_t j = {w, s, NULL, out, 0, 0, 0, 0, start, stop};
+    job_t j = {0};
+    j.w = w, j.s = s, j.y = out, j.start = start, j.stop = stop;
     int64_t n = stop - start, want = nthreads > 1 ? 4 * (int64_t)nthreads : 1;
     j.per = ((n + want - 1) / want + 255) / 256 * 256; /* whole 256-value pieces: every block size's chunks stay whole */
     if (j.per < 1 << 14) j.per = 1 << 14;             /* and not so small that waking a thread costs more */

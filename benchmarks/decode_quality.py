@@ -8,7 +8,8 @@ on the same windows, paired, beside the slab path (prefill / `kbit bench ppl`) a
 Each configuration is encoded beforehand (`kbit encode DENSE QUANT --recipe ...`); --quant may be given several
 times. Row by row costs ~200 kernel calls per token: 8k tokens of SmolLM2-135M take ~2.5 min per mode.
 Reports ΔNLL vs dense (± its standard error over windows), KL(dense || quant), top-1 agreement, and the integer
-path's ΔNLL as a ratio of the exact path's with its paired standard error.
+path's ΔNLL as a ratio of the exact path's with its paired standard error; --bnb adds bitsandbytes NF4 on the
+same 4-bit layers and windows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from kbitcli.bench import evaluate as ev  # noqa: E402
 from kbitcli.core import matvec  # noqa: E402
 from kbitcli.models.kbit_linear import KbitLinear  # noqa: E402
 from kbitcli.models.load import load_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from calibration_quality import bnb_model  # noqa: E402
 
 SLAB_FORWARD = KbitLinear.forward
 
@@ -62,6 +66,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bnb", action="store_true", help="also score bitsandbytes NF4 (blocks of 64, its own "
+                    "quantize_4bit / dequantize_4bit; double quant where the k-bit model has it) on the same layers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -84,6 +90,13 @@ def main() -> None:
         res["slab"].pop("window_delta_nll")
         res["integer_over_exact"] = {"delta_nll": sum(i) / sum(e), "se": ev.ratio_se(i, e),
                                      "kl": res["integer"]["kl_divergence"] / res["exact"]["kl_divergence"]}
+        if args.bnb:
+            four = [n for n, m in quant.named_modules() if isinstance(m, KbitLinear) and m.spec.bits == 4]
+            dq = any(m.spec.double_quant for m in quant.modules() if isinstance(m, KbitLinear))
+            bnb = bnb_model(dense, [f"{n}.weight" for n in four], double_quant=dq)
+            res["bitsandbytes"] = ref.compare(bnb)
+            res["bitsandbytes"]["double_quant"] = dq
+            del bnb
         report["configs"][path] = res
         if not args.json:
             for mode in ("slab", "exact", "integer"):
@@ -91,6 +104,10 @@ def main() -> None:
                 print(f"  {os.path.basename(path.rstrip('/')):16s} {mode:8s} ΔNLL {r['delta_nll']:+.5f} ± "
                       f"{r['delta_nll_se']:.5f}  KL {r['kl_divergence']:.5f}  top-1 {r['top1_agreement']:.4f}  "
                       f"({r['seconds']:.0f} s)")
+            if "bitsandbytes" in res:
+                r = res["bitsandbytes"]
+                print(f"  {'bitsandbytes NF4' + (' dq' if r['double_quant'] else ''):25s} ΔNLL {r['delta_nll']:+.5f} ± "
+                      f"{r['delta_nll_se']:.5f}  KL {r['kl_divergence']:.5f}  top-1 {r['top1_agreement']:.4f}")
             q = res["integer_over_exact"]
             print(f"  integer / exact: ΔNLL {q['delta_nll']:.4f} ± {q['se']:.4f}, KL {q['kl']:.4f}")
     if args.json:

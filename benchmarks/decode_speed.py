@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/decode_speed.py --model /work/smollm2-dense [--model kbitcli/assets/stories260K]
         [--tokens 32] [--rounds 3] [--threads N[,M...]] [--prefill 128] [--embed] [--configs nf4,nf4+emb]
-        [--no-kernel-off] [--json]
+        [--no-kernel-off] [--exact-too] [--json]
 
 For each dense model folder: encodes nf4 (recipes/llama-nf4.yaml), int4 (k=4 int B=64), int8 (recipes/int8.yaml)
 and 3-bit (k=3 nf B=64 + double quant) into a temporary folder (--embed adds "nf4+emb": nf4 with the input
@@ -13,7 +13,8 @@ process, then times, round-robin (over models and, with --threads 2,1, over thre
 machine hits all alike:
   - decode: greedy generation of --tokens new tokens after a short prompt (`kbit generate`'s loop: prefill of
     the prompt included), tokens/s; every k-bit model twice, with the fused kernel (after) and with
-    KBIT_KERNEL=0 (before: dequantize by slabs + matmul; --no-kernel-off skips these);
+    KBIT_KERNEL=0 (before: dequantize by slabs + matmul; --no-kernel-off skips these); --exact-too adds a third
+    time, the kernel with its integer path off (KBIT_EXACT=1: the exact fp32 walk, "exact");
   - prefill: one forward of --prefill tokens, ms, kernel on and off (--prefill 0 skips it);
   - kernel bandwidth: every KbitLinear of the nf4 / int8 model once at batch 1, bytes of packed codes +
     scales read per second, against torch's copy of a 256 MB tensor (bytes read per second) in the same run.
@@ -62,16 +63,18 @@ def configs(embed: bool = False) -> dict[str, Recipe]:
 
 
 class kernel_switch:
-    """The fused kernel off inside the block when off (what KBIT_KERNEL=0 does for a whole process)."""
+    """Inside the block: the fused kernel off when `on` is False (what KBIT_KERNEL=0 does for a whole process);
+    on "exact", the kernel with its integer path off (KBIT_EXACT=1)."""
 
-    def __init__(self, on: bool):
+    def __init__(self, on: bool | str):
         self.on = on
 
     def __enter__(self):
-        self.old = matvec.set_enabled(self.on)
+        self.old = matvec.set_enabled(bool(self.on)), matvec.set_exact(self.on == "exact")
 
     def __exit__(self, *exc):
-        matvec.set_enabled(self.old)
+        matvec.set_enabled(self.old[0])
+        matvec.set_exact(self.old[1])
 
 
 def decode_seconds(model, ids, tokens: int) -> float:
@@ -132,7 +135,7 @@ def bench_model(path: str, args, work: str) -> dict:
         models[cfg] = load_model(out, dtype="fp32", tokenizer=False)[0]
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     vocab = dense32.config.vocab_size
-    offs = (True,) if args.no_kernel_off else (True, False)
+    offs = (True,) + (("exact",) if args.exact_too else ()) + (() if args.no_kernel_off else (False,))
     runs = [(n, on) for n in models for on in ((True,) if n.startswith("dense") else offs)]
     keys = [(t, n, on) for t in args.threads for n, on in runs]
     dec = {r: [] for r in keys}
@@ -184,6 +187,8 @@ def main() -> None:
                     "lm_head) at k bits")
     ap.add_argument("--configs", default=None, help="only these k-bit configs, comma-separated (e.g. nf4,nf4+emb)")
     ap.add_argument("--no-kernel-off", action="store_true", help="skip the KBIT_KERNEL=0 (before) runs")
+    ap.add_argument("--exact-too", action="store_true", help='also time every k-bit model with the kernel\'s integer '
+                    'path off (KBIT_EXACT=1: kernel "exact")')
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
@@ -207,7 +212,7 @@ def main() -> None:
         print(f"{'threads':>7} {'model':<12}{'kernel':>8}{'tokens/s':>10}{'vs fp32':>9}{'best':>9}{'vs fp32':>9}"
               f"{'prefill ms':>12}{'vs fp32':>9}")
         for r in m["rows"]:
-            k = "-" if r["kernel"] is None else ("on" if r["kernel"] else "off")
+            k = "-" if r["kernel"] is None else (r["kernel"] if isinstance(r["kernel"], str) else ("on" if r["kernel"] else "off"))
             pre = f"{r['prefill_ms']:>12.2f}{r['prefill_vs_dense_fp32']:>8.2f}x" if "prefill_ms" in r else ""
             print(f"{r['threads']:>7} {r['model']:<12}{k:>8}{r['tokens_per_s']:>10.2f}{r['decode_vs_dense_fp32']:>8.2f}x"
                   f"{r['best_tokens_per_s']:>9.2f}{r['best_vs_dense_fp32']:>8.2f}x" + pre)

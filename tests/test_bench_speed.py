@@ -85,5 +85,11 @@ def test_bad_inputs(stories_dir, tmp_path):
 def test_kernel_description(monkeypatch):
     """bench speed names the kernel that ran; with KBIT_KERNEL=0 it says the torch path ran instead."""
     assert matvec.describe().endswith("CPython entry point") == (matvec.python_include() is not None)
+    assert ("integer path for k = 4 / k = 8 int" in matvec.describe()) == bool(matvec.kernel().kbit_has_int16())
+    old = matvec.set_exact(True)
+    try:
+        assert "off (KBIT_EXACT=1)" in matvec.describe() or not matvec.kernel().kbit_has_int16()
+    finally:
+        matvec.set_exact(old)
     monkeypatch.setattr(matvec, "ENABLED", False)
     assert matvec.describe().startswith("off (KBIT_KERNEL=0)")

@@ -9,7 +9,7 @@ block scale and accumulates against x; nothing bigger than a register is written
 transposed weight, output columns) are cut into chunks that the calling thread and a small pthread pool take
 from an atomic ticket; the caller never waits for a worker the OS has not scheduled (OpenMP's fork/join does,
 and on this shared 2-core machine that cost ~8 ms per layer: see the comment in the C file). At one row of x,
-k = 4 layers (and k = 8 int ones) of whole blocks of 32 / 64 / 128 take an integer path on AVX2 CPUs
+k = 4 layers (and k = 8 int ones) of whole blocks of 32 / 64 / 128 take an integer path on AVX2 (not AVX-512) CPUs
 (csrc/kbit_int16.h: x and the codebook rounded to int16, exact integer sums; ~1.4x the exact walk's speed, the
 same model loss to 4 decimals); KBIT_EXACT=1 / set_exact(True) keeps them on the exact fp32 walk.
 
@@ -148,6 +148,7 @@ def load(path: str) -> ctypes.CDLL:
     lib.kbit_decode.restype = ctypes.c_int
     lib.kbit_set_int16.argtypes = [ctypes.c_int]
     lib.kbit_set_int16.restype = None
+    lib.kbit_has_int16.restype = ctypes.c_int
     lib.kbit_set_int16(0 if EXACT else 1)
     lib.fast_matmul = _python_entry(lib, path)
     return lib
@@ -220,13 +221,16 @@ SIMD_PATHS = {0: "portable loop", 1: "AVX-512 VBMI", 2: "AVX2 + FMA"}
 
 def describe() -> str:
     """Which kernel this process runs batch-1 k-bit matmuls with, for `kbit bench speed` (a slow machine's first
-    question): its instruction set and how Python calls it, or why there is none."""
+    question): its instruction set, whether the integer path runs, and how Python calls it, or why there is
+    none."""
     if not ENABLED:
         return "off (KBIT_KERNEL=0): torch decodes slabs"
     lib = kernel()
     if lib is None:
         return "unavailable (no C compiler or a failed build): torch decodes slabs"
-    return (f"{SIMD_PATHS.get(lib.kbit_has_simd(), '?')}, "
+    integer = ("integer path for k = 4 / k = 8 int" + (" off (KBIT_EXACT=1)" if EXACT else "")
+               if lib.kbit_has_int16() else "no integer path")
+    return (f"{SIMD_PATHS.get(lib.kbit_has_simd(), '?')}, {integer}, "
             f"{'CPython entry point' if lib.fast_matmul is not None else 'ctypes (no Python.h)'}")
 
 

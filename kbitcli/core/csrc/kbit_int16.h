@@ -1,4 +1,5 @@
-/* The integer path of batch-1 decode (included from kbit_matmul.c on AVX2 + FMA CPUs, the AVX-512 ones too):
+/* The integer path of batch-1 decode (included from kbit_matmul.c on the AVX2 + FMA path; AVX-512 VBMI CPUs keep
+ * their exact walk, whose k = 4 lookup is one `vpermps` per 16 values and which nobody has measured against this):
  * k = 4 with any codebook and k = 8 with the int one, rows of whole blocks of 32, 64 or 128, one row of x.
  * Why: the exact k = 4 walk (csrc/kbit_avx2.h, row_dot_k4) rebuilds every fp32 codebook entry from four byte
  * planes, 12 shuffle-unit instructions per 32 values (~3 values a cycle, well under what memory delivers): it

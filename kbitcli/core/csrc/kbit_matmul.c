@@ -338,7 +338,8 @@ static inline void decode_range(const kbit_weight *w, const simd_ctx *s, int64_t
 }
 #define CTX_DECL simd_ctx ctx = 0; const simd_ctx *s = &ctx;
 #endif
-#if defined(__AVX2__) && defined(__FMA__) && !defined(KBIT_PORTABLE)
+#ifdef KBIT_AVX2 /* measured faster than the exact walk here; the AVX-512 path's one-`vpermps` lookup is unmeasured
+                  * against it on an AVX-512 machine, so those keep their exact walk */
 #include "kbit_int16.h"
 #endif
 /* 1: batch-1 rows take the integer path where it exists (kbit_int16.h); 0: always the exact fp32 walk */

@@ -134,7 +134,8 @@ def test_non_finite_and_zero_x(lib):
 
 def test_set_exact_and_kbit_exact_env(lib):
     """set_exact switches the process's kernel and returns the previous setting; KBIT_EXACT=1 in a fresh process
-    starts exact: a batch-1 nf4 forward is then the exact path's result."""
+    starts exact, as does set_exact(True) called before the kernel is built: a batch-1 nf4 forward is then the
+    exact path's result."""
     m = KbitLinear.from_quantized(quantize(torch.randn(8, 128), Spec(4, 64, "nf")))
     x = torch.randn(1, 128)
     old = matvec.set_exact(True)
@@ -152,5 +153,12 @@ def test_set_exact_and_kbit_exact_env(lib):
             "print(matvec.EXACT, float((m(x).double() - ref).abs().max() / ref.abs().max()) < 2e-6)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, KBIT_EXACT="1"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"]
+    # set_exact(True) before the library is built or loaded: it is loaded exact
+    first = code.replace("from kbitcli.core import matvec\n", "from kbitcli.core import matvec\nmatvec.set_exact(True)\n")
+    assert first != code
+    r = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "KBIT_EXACT"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"]

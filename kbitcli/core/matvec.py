@@ -188,7 +188,8 @@ ENABLED = os.environ.get("KBIT_KERNEL", "1") != "0"
 
 
 # KBIT_EXACT=1: batch-1 decode of k = 4 (and k = 8 int) layers stays on the exact fp32 walk instead of the integer
-# path (csrc/kbit_int16.h: x rounded to int16 per 32 values, the codebook to int16; ~1e-5 relative error a layer).
+# path (csrc/kbit_int16.h: x rounded to int16 per 32 values, the codebook to int16; ~1e-4 of a layer's largest
+# output, the exact walk's model loss to 4 decimals: docs/SPEED.md).
 EXACT = os.environ.get("KBIT_EXACT", "0") not in ("0", "")
 
 
@@ -197,9 +198,10 @@ def set_exact(on: bool) -> bool:
     the previous setting. Process-wide, like KBIT_EXACT."""
     global EXACT
     old, EXACT = EXACT, bool(on)
-    lib = _kernel()
-    if lib is not None:
-        lib.kbit_set_int16(0 if EXACT else 1)
+    if _kernel.cache_info().currsize:  # built: tell it now (a library built later reads EXACT when loaded)
+        lib = _kernel()
+        if lib is not None:
+            lib.kbit_set_int16(0 if EXACT else 1)
     return old
 
 

@@ -10,9 +10,10 @@
  * `vpmaddwd`: exact integer sums, one int -> float conversion and one FMA (the group's x scale) per 32 values,
  * the block's weight scale once per block.
  * Why int16 and not int8 activations (llama.cpp's Q8_0 x with `vpmaddubsw`, a little faster again): measured on
- * SmolLM2-135M, x at int8 per 32 values added 1.9% to nf4's ΔNLL and an int8 codebook 1.5% (3.9% together);
- * at 14 bits each, the loss is the exact path's to 4 decimals (docs/SPEED.md). The result differs from the exact
- * fp32 path by ~1e-5 of a layer's output; KBIT_EXACT=1 / matvec.set_exact(True) keeps every row on that path. */
+ * SmolLM2-135M (emulated on the same windows), x at int8 per 32 values added 1.9% to nf4's ΔNLL and an int8
+ * codebook 1.5% (3.9% together; through this kernel, int8 measured +4.3%); at 14 bits each, the loss is the exact
+ * path's to 4 decimals (docs/SPEED.md). The result differs from the exact fp32 walk by ~1e-4 of a layer's largest
+ * output; KBIT_EXACT=1 / matvec.set_exact(True) keeps every row on that walk. */
 
 enum { I16_GROUP = 32, I16_MAX = 16383 }; /* |x|, |entry| <= 2^14 - 1: four products per int32 lane never overflow */
 

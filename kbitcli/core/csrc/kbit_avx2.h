@@ -201,11 +201,18 @@ static void fast_x(const kbit_weight *w, const float *x, float *out) {
         for (int j = 0; j < 4; j++) { out[i + j] = x[i + 2 * j]; out[i + 4 + j] = x[i + 2 * j + 1]; }
 }
 
+/* the 32 codes of 16 bytes of k = 4 codes, one a byte: the high nibbles (codes 0, 2, ..) in the low 128-bit lane,
+ * the low nibbles (codes 1, 3, ..) in the high one (NIB: 0x0f in every byte). K4_VALUES and the integer path
+ * (kbit_int16.h) look them up, and lay x out in this order. */
+static inline __attribute__((always_inline)) __m256i k4_codes(const uint8_t *p, const __m256i nib) {
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v, 4), v, 0xF0), nib);
+}
+
 /* the 32 fp32 codebook values of 16 bytes of k = 4 codes (row_dot_fast's order, see above): PLn the byte planes */
 #define K4_VALUES(P, PL0, PL1, PL2, PL3, NIB, V0, V1, V2, V3)                                                     \
     do {                                                                                                          \
-        __m256i v_ = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(P)));                          \
-        __m256i c_ = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v_, 4), v_, 0xF0), (NIB));             \
+        __m256i c_ = k4_codes((const uint8_t *)(P), (NIB));                                                       \
         __m256i b0_ = _mm256_shuffle_epi8((PL0), c_), b1_ = _mm256_shuffle_epi8((PL1), c_);                       \
         __m256i b2_ = _mm256_shuffle_epi8((PL2), c_), b3_ = _mm256_shuffle_epi8((PL3), c_);                       \
         __m256i lo01_ = _mm256_unpacklo_epi8(b0_, b1_), hi01_ = _mm256_unpackhi_epi8(b0_, b1_);                   \

@@ -60,8 +60,8 @@ static int i16_row_ok(const kbit_weight *w, int64_t m) {
            (w->bits == 4 || (w->bits == 8 && w->affine_zero == 127));
 }
 
-/* where value i of a group of 32 goes in the k = 4 walk's order: the lookup leaves the even positions in the low
- * 128-bit lane and the odd in the high one (see K4_VALUES), and each unpack takes 8 of each */
+/* where value i of a group of 32 goes in the k = 4 walk's order: k4_codes leaves the even positions in the low
+ * 128-bit lane and the odd in the high one, and each unpack takes 8 of each */
 static inline int i16_slot(int i) { return (i & 1) * 8 + ((i >> 1) & 7) + (i >> 4) * 16; }
 
 /* x (cols values, cols a multiple of 32) -> xq: per group of 32, int16 values (k = 4: in the walk's order), and
@@ -90,8 +90,7 @@ static inline __attribute__((always_inline)) __m256i i16_dot32(const uint8_t *cp
                                                                 const __m256i hi, const __m256i nib, const int K) {
     __m256i wa, wb;
     if (K == 4) {
-        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)cp));
-        __m256i c = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v, 4), v, 0xF0), nib);
+        __m256i c = k4_codes(cp, nib);
         __m256i l = _mm256_shuffle_epi8(lo, c), h = _mm256_shuffle_epi8(hi, c);
         wa = _mm256_unpacklo_epi8(l, h);
         wb = _mm256_unpackhi_epi8(l, h);
@@ -135,10 +134,7 @@ static inline __attribute__((always_inline)) float i16_row(const uint8_t *row, i
                                _mm256_set1_ps(scl[b + 1]), acc1);
     }
     if (b < nb) acc0 = _mm256_fmadd_ps(i16_block(cp, xq, xs, lo, hi, nib, NQ, K), _mm256_set1_ps(scl[b]), acc0);
-    __m256 t = _mm256_add_ps(acc0, acc1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
 /* out[r] = dot(stored row r, x) for rows [r0, r1). Rows of whole blocks are contiguous in the block order, so the
